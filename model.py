@@ -1,0 +1,273 @@
+"""The GPT: a Llama-style decoder-only transformer, its KV cache and batched sampling.
+
+Every stage of the project (base, SFT, reward model, PPO policy and critic) is this one network.
+The architecture is the modern default: RMSNorm before each block, rotary position embeddings
+(RoPE), a SwiGLU MLP, no biases, optional grouped-query attention (GQA: fewer key/value heads
+than query heads). Parameter names follow Hugging Face's LlamaForCausalLM so that `export_hf`
+is a plain copy and tests/test_model.py can prove parity against `transformers`.
+
+Sampling is batched: prompts of different lengths are left-padded into one batch and every row
+carries its own positions, so row i never sees row j's padding (PPO rollouts rely on this).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    block_size: int = 256     # context length in tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4        # < n_head gives grouped-query attention
+    n_embd: int = 256
+    ffn_hidden: int = 0       # 0: about 8/3 * n_embd rounded up to a multiple of 64 (Llama's rule)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
+                             f"and n_head by n_kv_head ({self.n_kv_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("head size n_embd/n_head must be even for rotary embeddings")
+        if not self.ffn_hidden:
+            self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+
+def rotate_half(x):
+    # RoPE in the "half split" layout (the one Llama/HF use): pairs are (x[i], x[i + d/2]).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:  # append this step's keys/values, attend over everything so far
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated up to `max_len` positions.
+
+    `pad[b]` counts the left-padding tokens of row b: those keys are never attended to, and a
+    row's positions start at 0 on its first real token, as if it had been run alone.
+    """
+
+    def __init__(self, cfg: GPTConfig, pad: torch.Tensor, max_len: int):
+        self.shape = (cfg.n_layer, pad.shape[0], cfg.n_kv_head, max_len, cfg.n_embd // cfg.n_head)
+        self.k = self.v = None  # allocated on first use, in the dtype the layers produce
+        self.pad, self.len = pad, 0  # len: positions filled so far (advanced by GPT.forward)
+
+    def update(self, layer, k, v):
+        if self.k is None:
+            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+        T = k.shape[2]
+        self.k[layer, :, :, self.len:self.len + T] = k
+        self.v[layer, :, :, self.len:self.len + T] = v
+        return self.k[layer, :, :, :self.len + T], self.v[layer, :, :, :self.len + T]
+
+
+def padding_mask(pad, start, T, total):
+    """Boolean attention mask (B, 1, T, total) for queries at slots start..start+T-1: causal, and
+    blind to each row's left padding. A padding query sees itself, so no softmax row is empty."""
+    q = torch.arange(start, start + T, device=pad.device)[:, None]
+    k = torch.arange(total, device=pad.device)[None, :]
+    real_key = k[None] >= pad[:, None, None]
+    return ((real_key & (k <= q)) | (k == q)).unsqueeze(1)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        hd = cfg.n_embd // cfg.n_head
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd)
+        freqs = torch.outer(torch.arange(cfg.block_size).float(), inv_freq)
+        freqs = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # residual projections shrink with depth (GPT-2)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if non_embedding else n
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def forward(self, idx, targets=None, *, pad=None, cache=None):
+        """Logits (B, T, vocab), and the mean cross-entropy if `targets` is given (-1 = ignored).
+
+        pad: (B,) left-padding counts of the rows (None: no padding). cache: a KVCache that this
+        call appends to (its own `pad` is used)."""
+        B, T = idx.shape
+        start = cache.len if cache is not None else 0
+        if cache is not None:
+            pad = cache.pad
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
+                             f"{self.config.block_size}")
+        if pad is None:
+            cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+            mask = None if start == 0 else padding_mask(torch.zeros(B, dtype=torch.long,
+                                                        device=idx.device), start, T, start + T)
+        else:
+            pos = (torch.arange(start, start + T, device=idx.device) - pad[:, None]).clamp(min=0)
+            cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+            mask = padding_mask(pad, start, T, start + T)
+        x = self.embed_tokens(idx)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.len += T
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+               stop_ids=(), seed=None, pad_id=0, use_cache=True):
+        """Sample continuations for a batch of prompts (lists of token ids, any lengths).
+
+        Yields one (B,) tensor of new tokens per step. A row that has produced one of `stop_ids`
+        is finished: its later tokens are `pad_id`. Stops when every row is finished.
+        temperature 0 means greedy. use_cache=False recomputes the whole sequence every step
+        (the slow reference the KV cache is tested and benchmarked against)."""
+        device = self.lm_head.weight.device
+        B, L = len(prompts), max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("every prompt needs at least one token")
+        if L + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({L} tokens) + {max_new_tokens} new tokens exceeds the "
+                             f"context length {self.config.block_size}")
+        pad = torch.tensor([L - len(p) for p in prompts], device=device)
+        seq = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        cache = KVCache(self.config, pad, L + max_new_tokens) if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        x = seq
+        for _ in range(max_new_tokens):
+            logits, _ = self(x, pad=pad, cache=cache)
+            nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, gen)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            done |= torch.isin(nxt, stop)
+            yield nxt
+            if done.all():
+                return
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            x = nxt[:, None] if use_cache else seq
+
+    def generate(self, prompts, max_new_tokens, **kw):
+        """Like `stream`, but returns each row's new tokens as a list, cut after its stop token."""
+        steps = list(self.stream(prompts, max_new_tokens, **kw))
+        stop_ids = set(kw.get("stop_ids", ()))
+        out = []
+        for row in (torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]):
+            ends = [i for i, t in enumerate(row) if t in stop_ids]
+            out.append(row[:ends[0] + 1] if ends else row)
+        return out
+
+
+def sample_next(logits, temperature, top_k, top_p, gen):
+    """One token per row from (B, vocab) logits: greedy, or temperature + top-k + top-p (nucleus)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def export_hf(model: GPT, out_dir: str):
+    """Write `model.safetensors` + `config.json` that transformers' LlamaForCausalLM loads as is."""
+    from safetensors.torch import save_file
+    c = model.config
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {("model." + k if not k.startswith("lm_head") else k): v.detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=c.vocab_size,
+              hidden_size=c.n_embd, intermediate_size=c.ffn_hidden, num_hidden_layers=c.n_layer,
+              num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+              head_dim=c.n_embd // c.n_head, max_position_embeddings=c.block_size,
+              rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, hidden_act="silu",
+              attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
+              torch_dtype="float32")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+

@@ -1,0 +1,94 @@
+"""model.py: causality, KV cache == no cache, and parity with Hugging Face's Llama."""
+import pytest
+import torch
+
+from model import GPT, GPTConfig, export_hf
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def test_future_tokens_never_change_earlier_logits():
+    model = tiny()
+    x = torch.randint(0, 97, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 97, (2, 8))
+    a, _ = model(x)
+    b, _ = model(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_left_padded_row_equals_row_run_alone():
+    model = tiny()
+    short, long = [5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]
+    batch = torch.tensor([[0] * 5 + short, long])
+    logits, _ = model(batch, pad=torch.tensor([5, 0]))
+    alone, _ = model(torch.tensor([short]))
+    torch.testing.assert_close(logits[0, 5:], alone[0])
+    full, _ = model(torch.tensor([long]))
+    torch.testing.assert_close(logits[1], full[0])
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_cached_generation_equals_uncached(n_kv_head):
+    model = tiny(n_kv_head=n_kv_head)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    kw = dict(max_new_tokens=20, temperature=0)
+    assert model.generate(prompts, use_cache=True, **kw) == \
+        model.generate(prompts, use_cache=False, **kw)
+    # and the logits agree at every step, not just the argmax
+    from model import KVCache
+    L = 7
+    pad = torch.tensor([L - len(p) for p in prompts])
+    seq = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    cache = KVCache(model.config, pad, L + 5)
+    step_logits, _ = model(seq, cache=cache)
+    for _ in range(5):
+        nxt = step_logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+        step_logits, _ = model(nxt, cache=cache)
+        full, _ = model(seq, pad=pad)
+        torch.testing.assert_close(step_logits[:, -1], full[:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_is_seeded_and_stops_per_row():
+    model = tiny()
+    prompts = [[1, 2], [3, 4, 5]]
+    a = model.generate(prompts, 30, temperature=1.0, top_k=20, top_p=0.9, seed=1)
+    b = model.generate(prompts, 30, temperature=1.0, top_k=20, top_p=0.9, seed=1)
+    assert a == b
+    stop = a[0][3]  # a token row 0 emits: it must end row 0 there, and no row runs past its stop
+    c = model.generate(prompts, 30, temperature=1.0, top_k=20, top_p=0.9, seed=1, stop_ids=[stop])
+    assert c[0] == a[0][:a[0].index(stop) + 1]
+    for row in c:
+        assert stop not in row[:-1]
+
+
+def test_top_k_one_is_greedy():
+    model = tiny()
+    prompts = [[1, 2, 3]]
+    assert model.generate(prompts, 10, temperature=0.7, top_k=1, seed=3) == \
+        model.generate(prompts, 10, temperature=0)
+
+
+def test_too_long_prompt_is_refused():
+    model = tiny()
+    with pytest.raises(ValueError, match="context length"):
+        model.generate([[1] * 60], 10)
+
+
+def test_parity_with_huggingface_llama(tmp_path):
+    import transformers  # test-only dependency (requirements-dev.txt)
+    model = tiny(n_layer=3)
+    export_hf(model, tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    x = torch.randint(0, 97, (3, 40))
+    ours, _ = model(x)
+    with torch.no_grad():
+        theirs = hf(x).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
