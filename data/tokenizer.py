@@ -1,0 +1,252 @@
+"""Byte-level BPE tokenizer: a from-scratch trainer plus a tiktoken-backed encoder.
+
+Training (pure Python) works like GPT-2/GPT-4 BPE:
+  1. Split every document into chunks with the GPT-4 (cl100k) regex, so merges
+     never cross word/number/punctuation boundaries, and count unique chunks.
+  2. Start from the 256 single-byte tokens and repeatedly merge the most frequent
+     adjacent pair. Pair counts are kept incrementally: a merge only revisits the
+     unique chunks that contain the merged pair, and a heap with lazy
+     invalidation finds the next best pair. Ties go to the pair whose (left, right)
+     bytes sort first, so training is fully deterministic.
+Encoding and decoding are done by tiktoken (Rust, fast) from the learned ranks.
+
+The special chat tokens occupy the last ids of the vocabulary; `encode` never
+produces them from text, they are only inserted explicitly via `special(name)`.
+
+CLI:  python -m data.tokenizer --input FILE_OR_DIR [...] --vocab-size 4096 --out tok.json
+"""
+import argparse
+import hashlib
+import heapq
+import json
+import os
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Iterable
+
+import regex
+import tiktoken
+
+# GPT-4 (cl100k_base) split pattern, identical to the one tiktoken ships.
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+
+# Reserved chat-format tokens, in id order, at the very end of the vocabulary.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",  # document separator, also used as BOS
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",  # end of turn
+    "<|pad|>",  # padding only; never the same id as end-of-turn
+)
+FILE_FORMAT = "byte-bpe/1"
+
+
+def count_chunks(texts: Iterable[str], pattern: str = SPLIT_PATTERN) -> dict[bytes, int]:
+    """Stream over documents and count each regex chunk (as UTF-8 bytes)."""
+    pat = regex.compile(pattern)
+    counts = Counter()
+    for text in texts:
+        counts.update(pat.findall(text))  # Counter.update over a list runs in C
+    out = defaultdict(int)
+    for chunk, n in counts.items():
+        # Lone surrogates are not valid UTF-8: replace them instead of crashing.
+        out[chunk.encode("utf-8", errors="replace")] += n
+    return dict(out)
+
+
+def bpe_merges(chunk_counts: dict[bytes, int], n_merges: int) -> list[tuple[int, int]]:
+    """Learn up to `n_merges` merges; merge i creates token id 256 + i.
+
+    A pair whose concatenation equals an existing token's bytes is skipped, so
+    every token has unique bytes (tiktoken maps bytes -> rank and needs that).
+    """
+    vocab = [bytes([i]) for i in range(256)]
+    seen = set(vocab)
+    words = [list(chunk) for chunk in chunk_counts]  # chunk as a list of token ids
+    freqs = list(chunk_counts.values())
+    pair_counts = defaultdict(int)  # pair -> occurrences weighted by chunk count
+    where = defaultdict(set)  # pair -> ids of chunks that (may) contain it
+    for i, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += freqs[i]
+            where[pair].add(i)
+    # Heap key (-count, left bytes, right bytes): pops the highest count, ties
+    # broken by byte order. Entries go stale when counts drop; checked on pop.
+    heap = [(-n, vocab[a], vocab[b], a, b) for (a, b), n in pair_counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    while len(merges) < n_merges and heap:
+        neg, left, right, a, b = heapq.heappop(heap)
+        n = pair_counts.get((a, b), 0)
+        if n != -neg:  # stale entry: re-queue with the true count if still alive
+            if n > 0:
+                heapq.heappush(heap, (-n, left, right, a, b))
+            continue
+        if left + right in seen:  # would duplicate a token; never merge this pair
+            continue
+        new = len(vocab)
+        vocab.append(left + right)
+        seen.add(left + right)
+        merges.append((a, b))
+        gained = set()
+        for i in where.pop((a, b)):
+            w, f = words[i], freqs[i]
+            out, j, m = [], 0, len(w)
+            while j < m:  # merge left to right, non-overlapping, like encoding does
+                if w[j] == a and j + 1 < m and w[j + 1] == b:
+                    out.append(new)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            words[i] = out
+            # Diff the chunk's pair multiset before/after; only changed pairs move.
+            delta = Counter(zip(out, out[1:]))
+            delta.subtract(zip(w, w[1:]))
+            for pair, d in delta.items():
+                if d > 0:  # only pairs containing `new` can appear
+                    pair_counts[pair] += d * f
+                    where[pair].add(i)
+                    gained.add(pair)
+                elif d < 0:  # `where` is left stale; merging a stale chunk is a no-op
+                    c = pair_counts[pair] + d * f
+                    if c:
+                        pair_counts[pair] = c
+                    else:
+                        del pair_counts[pair]
+        # (a, b) itself dropped to zero above: every chunk holding it was in `where`.
+        # Counts only ever rise for brand-new pairs, so pushing those keeps the
+        # invariant: every live pair has a heap entry with count >= its true count.
+        for pair in gained:
+            if pair in pair_counts:
+                heapq.heappush(heap, (-pair_counts[pair], vocab[pair[0]], vocab[pair[1]], *pair))
+    return merges
+
+
+class Tokenizer:
+    """tiktoken Encoding built from trained ranks (token bytes in id order)."""
+
+    def __init__(self, tokens: list[bytes], pattern: str = SPLIT_PATTERN,
+                 specials: Iterable[str] = SPECIAL_TOKENS):
+        self.tokens, self.pattern, self.specials = list(tokens), pattern, tuple(specials)
+        if self.tokens[:256] != [bytes([i]) for i in range(256)]:
+            raise ValueError("the first 256 tokens must be the single bytes 0..255")
+        if len(set(self.tokens)) != len(self.tokens):
+            raise ValueError("duplicate token byte strings")
+        n = len(self.tokens)
+        self._special_ids = {s: n + i for i, s in enumerate(self.specials)}
+        self.enc = tiktoken.Encoding(
+            name="byte-bpe", pat_str=pattern,
+            mergeable_ranks={t: i for i, t in enumerate(self.tokens)},
+            special_tokens=self._special_ids, explicit_n_vocab=n + len(self.specials))
+        self.n_vocab = self.enc.n_vocab
+        self.eot_id = self._special_ids.get("<|endoftext|>")
+        self.pad_id = self._special_ids.get("<|pad|>")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+        """`vocab_size` counts everything: 256 bytes + merges + special tokens.
+        With too little text, fewer merges exist and n_vocab comes out smaller."""
+        n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+        if n_merges < 0:
+            raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)}")
+        if isinstance(texts, str):  # a lone string would iterate character by character
+            texts = [texts]
+        tokens = [bytes([i]) for i in range(256)]
+        for a, b in bpe_merges(count_chunks(texts), n_merges):
+            tokens.append(tokens[a] + tokens[b])
+        return cls(tokens)
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)  # special-token strings stay plain text
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids), errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.enc.decode_bytes(list(ids))
+
+    def special(self, name: str) -> int:
+        if name not in self._special_ids:
+            raise KeyError(f"unknown special token {name!r}; have {list(self.specials)}")
+        return self._special_ids[name]
+
+    def dumps(self) -> str:
+        """Canonical file content: JSON, one hex-encoded token per line, in id order."""
+        return json.dumps({"format": FILE_FORMAT, "pattern": self.pattern,
+                           "special_tokens": list(self.specials),
+                           "tokens": [t.hex() for t in self.tokens]}, indent=1) + "\n"
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.dumps().encode("utf-8")).hexdigest()
+
+    def save(self, path) -> None:
+        # Write a temp file next to the target, then rename: readers never see
+        # a half-written tokenizer, even if we crash mid-write.
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.dumps())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                obj = json.load(f)
+            if obj.get("format") != FILE_FORMAT:
+                raise ValueError(f"format is {obj.get('format')!r}, expected {FILE_FORMAT!r}")
+            return cls([bytes.fromhex(t) for t in obj["tokens"]], obj["pattern"], obj["special_tokens"])
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise ValueError(f"malformed tokenizer file {path}: {e!r}") from e
+
+
+def _read_documents(inputs: list[str]):
+    """Yield each input file as one document; directories are walked recursively."""
+    for inp in inputs:
+        p = Path(inp)
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for q in files:
+            yield q.read_text(encoding="utf-8", errors="replace")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description="Train a byte-level BPE tokenizer (GPT-4 split pattern, chat special tokens) "
+                    "and save it as one JSON file. Prints one JSON line of stats.")
+    ap.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
+                    help="text files (UTF-8); each file is one document; directories are read recursively")
+    ap.add_argument("--vocab-size", type=int, default=4096,
+                    help="total vocabulary: 256 bytes + merges + %d special tokens (default 4096)"
+                         % len(SPECIAL_TOKENS))
+    ap.add_argument("--out", required=True, help="where to write the tokenizer JSON")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    tok = Tokenizer.train(_read_documents(args.input), args.vocab_size)
+    seconds = time.perf_counter() - t0
+    tok.save(args.out)
+    docs = list(_read_documents(args.input))
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(docs))
+    print(json.dumps({"seconds": round(seconds, 3), "n_bytes": n_bytes, "n_tokens": n_tokens,
+                      "bytes_per_token": round(n_bytes / max(n_tokens, 1), 4),
+                      "n_vocab": tok.n_vocab, "out": args.out, "checksum": tok.checksum}))
+
+
+if __name__ == "__main__":
+    main()
