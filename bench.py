@@ -1,0 +1,139 @@
+"""Speed benchmarks, written as one JSON object (speed targets live here, never in tests).
+
+    python bench.py                               # everything that applies to this machine
+    python bench.py --only generate --out bench.json
+    python bench.py --preset gpu --compile        # on a GPU: adds MFU and a GPT-2-small run
+
+- tokenizer: BPE training time for vocab 4096 on the full bundled corpus, and bytes per token
+- train: pretraining tokens/s (and MFU on a GPU) for the preset's model and batch shape
+- generate: sampling tokens/s with the KV cache against recomputing the whole sequence each
+  step, same model, same left-padded batch of prompts, 256 new tokens
+- gpt2: (GPU only) a GPT-2-small-sized model, about 124M parameters, context 1024
+Model weights are random: speed does not depend on them.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import pretrain
+from common import autocast, maybe_compile, peak_flops, pick_device, pick_dtype
+from model import GPT, GPTConfig
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_tokenizer():
+    from data import world
+    from data.tokenizer import Tokenizer
+    docs = world.world_documents() + world.shakespeare_documents()
+    t0 = time.time()
+    tok = Tokenizer.train(docs, 4096)
+    seconds = time.time() - t0
+    n_bytes = sum(len(d.encode()) for d in docs)
+    n_tokens = sum(map(len, tok.encode_batch(docs)))
+    return dict(vocab_size=tok.n_vocab, corpus_mb=round(n_bytes / 1e6, 2),
+                train_seconds=round(seconds, 2), bytes_per_token=round(n_bytes / n_tokens, 3))
+
+
+def bench_train(cfg, micro_batch, device, dtype, compile_, steps):
+    model = GPT(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+    x = torch.randint(cfg.vocab_size, (micro_batch, cfg.block_size + 1), device=device)
+    run = maybe_compile(model, compile_, x[:, :-1])
+
+    def step():
+        with autocast(device, dtype):
+            _, loss = run(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up (compilation, allocator, caches)
+        step()
+    sync(device)
+    t0 = time.time()
+    for _ in range(steps):
+        step()
+    sync(device)
+    dt = (time.time() - t0) / steps
+    tps = micro_batch * cfg.block_size / dt
+    out = dict(params_m=round(model.num_params(False) / 1e6, 2), micro_batch=micro_batch,
+               block_size=cfg.block_size, tokens_per_s=round(tps))
+    peak = peak_flops(device)
+    if peak:
+        out["mfu"] = round(model.flops_per_token() * tps / peak, 4)
+    return out
+
+
+@torch.no_grad()
+def bench_generate(cfg, device, dtype, batch=8, new_tokens=256):
+    cfg = GPTConfig(**{**vars(cfg), "block_size": max(cfg.block_size, 32 + new_tokens)})
+    model = GPT(cfg).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(cfg.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(8, 33, (batch,), generator=g)]
+    out = {"batch": batch, "new_tokens": new_tokens}
+    for name, cache in (("kv_cache", True), ("no_cache", False)):
+        with autocast(device, dtype):
+            model.generate(prompts, 8, temperature=0, use_cache=cache)  # warm-up
+            sync(device)
+            t0 = time.time()
+            rows = model.generate(prompts, new_tokens, temperature=0, use_cache=cache)
+            sync(device)
+        out[f"{name}_tokens_per_s"] = round(sum(map(len, rows)) / (time.time() - t0), 1)
+    out["speedup"] = round(out["kv_cache_tokens_per_s"] / out["no_cache_tokens_per_s"], 2)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["auto", *pretrain.PRESETS], default="auto")
+    p.add_argument("--only", choices=["tokenizer", "train", "generate", "gpt2"], action="append",
+                   help="run only these parts (repeatable)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps")
+    p.add_argument("--out", help="also write the JSON here")
+    a = p.parse_args()
+    device = pick_device(a.device)
+    dtype = pick_dtype(a.dtype, device)
+    preset = a.preset if a.preset != "auto" else ("gpu" if device.startswith("cuda") else "cpu")
+    c = pretrain.PRESETS[preset]
+    cfg = GPTConfig(vocab_size=4096, **{k: c[k] for k in pretrain.MODEL_FIELDS})
+    parts = a.only or ["tokenizer", "train", "generate"] + (["gpt2"] if device == "cuda" else [])
+    result = dict(date=time.strftime("%Y-%m-%d"), device=device, dtype=str(dtype).split(".")[-1],
+                  device_name=(torch.cuda.get_device_name() if device.startswith("cuda")
+                               else platform.processor() or platform.machine()),
+                  cpu_count=os.cpu_count(), torch=torch.__version__, preset=preset,
+                  compile=a.compile)
+    for part in parts:
+        print(f"bench: {part} ...", file=sys.stderr)
+        if part == "tokenizer":
+            result[part] = bench_tokenizer()
+        elif part == "train":
+            result[part] = bench_train(cfg, c["micro_batch"], device, dtype, a.compile, a.steps)
+        elif part == "generate":
+            result[part] = bench_generate(cfg, device, dtype)
+        elif part == "gpt2":
+            gpt2 = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12,
+                             n_kv_head=12, n_embd=768, ffn_hidden=2048)
+            result[part] = bench_train(gpt2, 16, device, dtype, a.compile, a.steps)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

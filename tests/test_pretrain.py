@@ -1,0 +1,91 @@
+"""pretrain.py: the loss falls, --resume continues the same curve, DDP equals one process."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import pretrain
+from tests.conftest import ROOT
+
+FAST = ["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--eval-iters", "2"]
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_tiny_preset_loss_falls(small_data, tmp_path):
+    out = str(tmp_path / "base")
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--steps", "80"])
+    curve = losses(out)
+    first, last = curve[1], sum(curve[s] for s in range(71, 81)) / 10
+    assert last < first - 1.5, (first, last)
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert ev["stage"] == "base" and ev["val_loss"] < first - 1.0
+    assert os.path.exists(os.path.join(out, "ckpt.pt"))
+    assert os.path.exists(os.path.join(out, "tokenizer.json"))
+
+
+def test_resume_continues_the_same_curve(small_data, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = FAST + ["--data", small_data, "--steps", "24", "--eval-every", "8"]
+    pretrain.main(args + ["--out-dir", a])
+    pretrain.main(args + ["--out-dir", b, "--stop-at", "16"])
+    assert not os.path.exists(os.path.join(b, "eval.json"))  # stopped, not finished
+    pretrain.main(args + ["--out-dir", b, "--resume"])
+    la, lb = losses(a), losses(b)
+    assert sorted(lb) == list(range(1, 25))
+    for step in (17, 20, 24):
+        assert lb[step] == pytest.approx(la[step], rel=1e-5), step
+
+
+def test_two_process_torchrun_matches_one_process(small_data, tmp_path):
+    args = FAST + ["--data", small_data, "--steps", "6", "--batch-size", "8", "--micro-batch", "4"]
+    pretrain.main(args + ["--out-dir", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", os.path.join(ROOT, "pretrain.py"), *args,
+                    "--out-dir", str(tmp_path / "two")], check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=300)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+
+
+def test_resume_with_another_shape_is_refused(small_data, tmp_path, capsys):
+    out = str(tmp_path / "base")
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--steps", "4", "--stop-at", "2"])
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    with pytest.raises(SystemExit):
+        pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--resume", "--n-embd", "32"])
+    assert "--n-embd 32 differs from the checkpoint" in capsys.readouterr().err
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(small_data, tmp_path, capsys):
+    out = str(tmp_path / "base")
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--steps", "4", "--stop-at", "2"])
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    with pytest.raises(SystemExit) as e:  # an absurd learning rate blows the loss up to inf/nan
+        pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--resume", "--lr", "1e9"])
+    assert "last good checkpoint is intact" in str(e.value)
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+
+
+def test_data_from_another_tokenizer_is_refused(small_data, tmp_path, capsys):
+    out = str(tmp_path / "base")
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--steps", "2"])
+    other = tmp_path / "other"
+    shutil.copytree(small_data, other)
+    from data import prepare
+    (tmp_path / "t.txt").write_text("a completely different corpus " * 2000)
+    prepare.prepare(str(other), inputs=[str(tmp_path / "t.txt")], vocab_size=300, quiet=True)
+    with pytest.raises(SystemExit):
+        pretrain.main(FAST + ["--data", str(other), "--out-dir", str(tmp_path / "x"),
+                              "--init-from", out])
+    assert "different tokenizer" in capsys.readouterr().err

@@ -1,0 +1,69 @@
+"""sample.py on a real (tiny) checkpoint: streaming output, seeds, clear errors on bad input."""
+import os
+import shutil
+
+import pytest
+
+import pretrain
+import sample
+
+
+@pytest.fixture(scope="module")
+def ckpt(small_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("base"))
+    pretrain.main(["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--data",
+                   small_data, "--out-dir", out, "--steps", "30", "--eval-iters", "1"])
+    return out
+
+
+def run(capsys, *args):
+    sample.main(list(args))
+    return capsys.readouterr()
+
+
+def test_prompt_is_continued_and_seed_repeats(ckpt, capsys):
+    args = ("--ckpt", ckpt, "--prompt", "What is the capital of France?", "--max-new-tokens",
+            "20", "--seed", "7", "--device", "cpu")
+    a, b = run(capsys, *args).out, run(capsys, *args).out
+    assert a == b and a.startswith("What is the capital of France?")
+    assert len(a) > len("What is the capital of France?") + 5
+
+
+def test_num_samples_and_prompt_file(ckpt, capsys, tmp_path):
+    (tmp_path / "p.txt").write_text("Q: What is the symbol for gold?\nA:")
+    out = run(capsys, "--ckpt", ckpt, "--prompt-file", str(tmp_path / "p.txt"), "--num-samples",
+              "3", "--max-new-tokens", "5", "--seed", "1", "--device", "cpu").out
+    assert out.count("--- sample") == 3 and out.count("Q: What is the symbol for gold?") == 3
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path / "nope"), "--prompt", "hi"])
+    assert e.value.code == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_checkpoint_without_tokenizer(ckpt, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    os.remove(broken / "tokenizer.json")
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(broken), "--prompt", "hi"])
+    assert "has no tokenizer.json" in capsys.readouterr().err
+
+
+def test_prompt_longer_than_context(ckpt, capsys):
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", ckpt, "--prompt", "word " * 500, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "context is 128" in err and err.count("\n") == 1
+
+
+def test_truncated_checkpoint_file(ckpt, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    data = (broken / "ckpt.pt").read_bytes()
+    (broken / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(broken), "--prompt", "hi"])
+    assert "not a readable checkpoint" in capsys.readouterr().err
