@@ -39,8 +39,8 @@ PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, block_size=128, batch_size=16,
                  micro_batch=16, steps=150, lr=3e-3, warmup=15, eval_every=75, eval_iters=4),
     # the whole pipeline on a 2-core laptop CPU: this stage about 12 minutes
-    "cpu": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=256, block_size=256, batch_size=32,
-                micro_batch=16, steps=1500, lr=2e-3, warmup=100, eval_every=250, eval_iters=10),
+    "cpu": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=256, block_size=128, batch_size=32,
+                micro_batch=16, steps=1000, lr=2e-3, warmup=100, eval_every=250, eval_iters=10),
     # one GPU, minutes
     "gpu": dict(n_layer=8, n_head=8, n_kv_head=8, n_embd=512, block_size=512, batch_size=128,
                 micro_batch=64, steps=3000, lr=1.5e-3, warmup=200, eval_every=500, eval_iters=20),

@@ -1,4 +1,4 @@
-# Sourced by run.sh and test.sh: make .venv (Python 3.10+) and install a requirements file.
+# Sourced by run.sh and test.sh: make .venv (Python 3.10+) and install a requirements file into it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PY=${PYTHON:-python3}
@@ -6,4 +6,9 @@ PY=${PYTHON:-python3}
   || { echo "error: Python 3.10+ is needed ($("$PY" --version 2>&1) found)" >&2; exit 2; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --disable-pip-version-check -r "$1"
+pip() { python -m pip -q --disable-pip-version-check "$@"; }
+# Linux without an NVIDIA GPU: take the small CPU build of torch, not the multi-GB CUDA one.
+if ! python -c 'import torch' 2>/dev/null && [ "$(uname)" = Linux ] && ! command -v nvidia-smi >/dev/null; then
+  pip install torch --index-url https://download.pytorch.org/whl/cpu || true
+fi
+pip install -r "$1"

@@ -89,3 +89,15 @@ def test_data_from_another_tokenizer_is_refused(small_data, tmp_path, capsys):
         pretrain.main(FAST + ["--data", str(other), "--out-dir", str(tmp_path / "x"),
                               "--init-from", out])
     assert "different tokenizer" in capsys.readouterr().err
+
+
+def test_cli_contract_tiny_preset_end_to_end(tmp_path):
+    """The documented command: prepares the bundled world if needed, trains, writes eval.json."""
+    out = tmp_path / "tiny"
+    subprocess.run([sys.executable, "pretrain.py", "--preset", "tiny", "--out-dir", str(out)],
+                   check=True, cwd=ROOT, capture_output=True, timeout=600)
+    ev = json.load(open(out / "eval.json"))
+    for key in ("val_loss", "zero_shot_question_rate", "fewshot_capital_accuracy",
+                "fewshot_symbol_accuracy"):
+        assert 0 <= ev[key] < 10, key
+    assert ev["fewshot_capital_n"] > 150 and ev["fewshot_symbol_n"] == 118

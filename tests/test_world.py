@@ -74,7 +74,7 @@ def test_default_world_size_and_mix(typed_docs):
         assert text.strip()
         size[kind] = size.get(kind, 0) + len(text.encode())
     total = sum(size.values())
-    assert 4e6 <= total <= 6e6
+    assert 8e6 <= total <= 10e6
     assert size["passage"] > 0.6 * total
     assert 0 < size["answer_key"] < 0.05 * total
     assert world.world_documents(seed=0)[:5] == [t for _, t in typed_docs[:5]]
