@@ -271,3 +271,19 @@ def export_hf(model: GPT, out_dir: str):
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
 
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Export a checkpoint's weights to Hugging Face format: "
+                                "model.safetensors + config.json, loadable by LlamaForCausalLM. "
+                                "(The tokenizer stays this project's: encode with data/tokenizer.py.)")
+    p.add_argument("ckpt", help="checkpoint folder, e.g. out/base")
+    p.add_argument("out", help="folder to write, e.g. out/base-hf")
+    a = p.parse_args()
+    from common import UserError, die, load_checkpoint
+    try:
+        export_hf(load_checkpoint(a.ckpt)[0], a.out)
+    except UserError as e:
+        die(str(e))
+    print(f"wrote {a.out}/model.safetensors and {a.out}/config.json")

@@ -114,6 +114,8 @@ def prepare(out=DEFAULT_OUT, inputs=None, tokenizer=None, vocab_size=4096, seed=
         t = time.time()
         tok = Tokenizer.train(train_docs, vocab_size)
         say(f"trained a {tok.n_vocab}-token BPE tokenizer in {time.time() - t:.1f}s")
+    if tok.n_vocab > 2**16:
+        raise ValueError(f"vocab size {tok.n_vocab} does not fit the uint16 token files (max 65536)")
     os.makedirs(out, exist_ok=True)
     counts = {}
     for split, split_docs in (("train", train_docs), ("val", val_docs or train_docs[-1:])):

@@ -13,15 +13,13 @@ Encoding and decoding are done by tiktoken (Rust, fast) from the learned ranks.
 The special chat tokens occupy the last ids of the vocabulary; `encode` never
 produces them from text, they are only inserted explicitly via `special(name)`.
 
-CLI:  python -m data.tokenizer --input FILE_OR_DIR [...] --vocab-size 4096 --out tok.json
+Trained by data/prepare.py; timed by bench.py.
 """
-import argparse
 import hashlib
 import heapq
 import json
 import os
 import tempfile
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
@@ -214,39 +212,3 @@ class Tokenizer:
             return cls([bytes.fromhex(t) for t in obj["tokens"]], obj["pattern"], obj["special_tokens"])
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise ValueError(f"malformed tokenizer file {path}: {e!r}") from e
-
-
-def _read_documents(inputs: list[str]):
-    """Yield each input file as one document; directories are walked recursively."""
-    for inp in inputs:
-        p = Path(inp)
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-        for q in files:
-            yield q.read_text(encoding="utf-8", errors="replace")
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description="Train a byte-level BPE tokenizer (GPT-4 split pattern, chat special tokens) "
-                    "and save it as one JSON file. Prints one JSON line of stats.")
-    ap.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
-                    help="text files (UTF-8); each file is one document; directories are read recursively")
-    ap.add_argument("--vocab-size", type=int, default=4096,
-                    help="total vocabulary: 256 bytes + merges + %d special tokens (default 4096)"
-                         % len(SPECIAL_TOKENS))
-    ap.add_argument("--out", required=True, help="where to write the tokenizer JSON")
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    tok = Tokenizer.train(_read_documents(args.input), args.vocab_size)
-    seconds = time.perf_counter() - t0
-    tok.save(args.out)
-    docs = list(_read_documents(args.input))
-    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    n_tokens = sum(len(ids) for ids in tok.encode_batch(docs))
-    print(json.dumps({"seconds": round(seconds, 3), "n_bytes": n_bytes, "n_tokens": n_tokens,
-                      "bytes_per_token": round(n_bytes / max(n_tokens, 1), 4),
-                      "n_vocab": tok.n_vocab, "out": args.out, "checksum": tok.checksum}))
-
-
-if __name__ == "__main__":
-    main()

@@ -2,12 +2,16 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 import pretrain
+from data import prepare, world
 from tests.conftest import ROOT
 
 FAST = ["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--eval-iters", "2"]
@@ -82,7 +86,6 @@ def test_data_from_another_tokenizer_is_refused(small_data, tmp_path, capsys):
     pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--steps", "2"])
     other = tmp_path / "other"
     shutil.copytree(small_data, other)
-    from data import prepare
     (tmp_path / "t.txt").write_text("a completely different corpus " * 2000)
     prepare.prepare(str(other), inputs=[str(tmp_path / "t.txt")], vocab_size=300, quiet=True)
     with pytest.raises(SystemExit):
@@ -101,3 +104,41 @@ def test_cli_contract_tiny_preset_end_to_end(tmp_path):
                 "fewshot_symbol_accuracy"):
         assert 0 <= ev[key] < 10, key
     assert ev["fewshot_capital_n"] > 150 and ev["fewshot_symbol_n"] == 118
+
+
+def test_init_from_continues_pretraining_on_user_text(small_data, tmp_path):
+    base = tmp_path / "base"
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", str(base), "--steps", "60"])
+    src = tmp_path / "mine"
+    src.mkdir()
+    for i, doc in enumerate(world.world_documents(seed=5, copies=1)[:200]):
+        (src / f"{i}.txt").write_text(doc)
+    mine = str(tmp_path / "mine_data")
+    prepare.prepare(mine, inputs=[str(src)], tokenizer=str(base / "tokenizer.json"), quiet=True)
+    expert, fresh = str(tmp_path / "expert"), str(tmp_path / "fresh")
+    pretrain.main(FAST + ["--data", mine, "--out-dir", expert, "--init-from", str(base),
+                          "--steps", "3"])
+    pretrain.main(FAST + ["--data", mine, "--out-dir", fresh, "--steps", "3"])
+    assert losses(expert)[1] < losses(fresh)[1] - 1.0  # it starts from what the base model knows
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_goes_on(small_data, tmp_path):
+    out = tmp_path / "base"
+    args = [sys.executable, "pretrain.py", *FAST, "--data", small_data, "--out-dir", str(out),
+            "--steps", "100000", "--eval-every", "5"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "stopped: interrupted" in err and "last good checkpoint is intact" in err
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert step > 0 and step % 5 == 0
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", str(out), "--steps", "100000",
+                          "--resume", "--stop-at", str(step + 5)])
+    assert max(losses(out)) == step + 5

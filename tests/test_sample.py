@@ -36,6 +36,14 @@ def test_num_samples_and_prompt_file(ckpt, capsys, tmp_path):
     assert out.count("--- sample") == 3 and out.count("Q: What is the symbol for gold?") == 3
 
 
+def test_interactive_reads_prompts_until_end_of_input(ckpt, capsys, monkeypatch):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("The capital of Peru is\n\nQ: What is\n"))
+    out = run(capsys, "--ckpt", ckpt, "--interactive", "--max-new-tokens", "4", "--seed", "0",
+              "--device", "cpu").out
+    assert "The capital of Peru is" in out and "Q: What is" in out
+
+
 def test_missing_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(tmp_path / "nope"), "--prompt", "hi"])

@@ -9,7 +9,7 @@ import pytest
 import regex
 
 from data.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, bpe_merges,
-                            count_chunks, main)
+                            count_chunks)
 
 WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his "
          "from at which but have an they you were her she there been one all we their has "
@@ -244,16 +244,3 @@ def test_load_truncated_and_missing(tok, tmp_path):
 def test_train_rejects_tiny_vocab():
     with pytest.raises(ValueError):
         Tokenizer.train(["abc"], vocab_size=100)
-
-
-def test_cli(tmp_path, capsys):
-    (tmp_path / "corpus").mkdir()
-    for i, d in enumerate(DOCS[:10]):
-        (tmp_path / "corpus" / f"{i}.txt").write_text(d, encoding="utf-8")
-    out = tmp_path / "cli_tok.json"
-    main(["--input", str(tmp_path / "corpus"), "--vocab-size", "400", "--out", str(out)])
-    stats = json.loads(capsys.readouterr().out.strip())
-    assert stats["n_bytes"] == sum(len(d.encode()) for d in DOCS[:10])
-    assert stats["bytes_per_token"] > 1.5 and stats["seconds"] >= 0
-    tok = Tokenizer.load(out)
-    assert tok.n_vocab == 400 and tok.checksum == stats["checksum"]
