@@ -25,6 +25,14 @@ from common import autocast, maybe_compile, peak_flops, pick_device, pick_dtype
 from model import GPT, GPTConfig
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -113,7 +121,7 @@ def main():
     parts = a.only or ["tokenizer", "train", "generate"] + (["gpt2"] if device == "cuda" else [])
     result = dict(date=time.strftime("%Y-%m-%d"), device=device, dtype=str(dtype).split(".")[-1],
                   device_name=(torch.cuda.get_device_name() if device.startswith("cuda")
-                               else platform.processor() or platform.machine()),
+                               else cpu_name()),
                   cpu_count=os.cpu_count(), torch=torch.__version__, preset=preset,
                   compile=a.compile)
     for part in parts:

@@ -75,6 +75,7 @@ class Sampler:
             with autocast(self.device, self.dtype):
                 for t in self.model.stream([ids], n, seed=seed, **kw):
                     if t.item() == tok.eot_id:
+                        print("[the model ended the document]", file=sys.stderr)
                         break
                     out.write(decoder.decode(tok.decode_bytes([t.item()])))
                     out.flush()
