@@ -126,8 +126,11 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_goes_on(small_data, tmp_pat
     out = tmp_path / "base"
     args = [sys.executable, "pretrain.py", *FAST, "--data", small_data, "--out-dir", str(out),
             "--steps", "100000", "--eval-every", "5"]
+    # a shell may start background jobs with SIGINT ignored (then Python never raises
+    # KeyboardInterrupt); give the child the default disposition, as a terminal would
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                        signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "ckpt.pt").exists():
         assert time.time() < deadline and proc.poll() is None
