@@ -74,10 +74,10 @@ def maybe_compile(model, enabled, example):
     """torch.compile is optional and fail-soft: if it cannot compile here, train uncompiled."""
     if not enabled:
         return model
-    try:
+    try:  # a forward and a backward pass, so that both graphs are compiled here
         compiled = torch.compile(model)
-        with torch.no_grad():
-            compiled(example)
+        compiled(example)[0].float().mean().backward()
+        model.zero_grad(set_to_none=True)
         return compiled
     except Exception as e:  # noqa: BLE001 - any compiler failure means "run eagerly"
         print(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
@@ -99,24 +99,39 @@ def peak_flops(device):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def atomic_save(obj, path):
+def atomic_write(path, write):
+    """write(tmp_path), then rename over `path`: readers see the old file or the new, never half."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_checkpoint(out_dir, stage, model, tokenizer, **state):
-    """Write out_dir/ckpt.pt (stage, model config + weights, tokenizer checksum, training state)
-    and out_dir/tokenizer.json. `model` may be wrapped by DDP or torch.compile."""
-    os.makedirs(out_dir, exist_ok=True)
-    raw = getattr(model, "module", model)
-    raw = getattr(raw, "_orig_mod", raw)
-    tok_path = os.path.join(out_dir, TOKENIZER_FILE)
-    if not os.path.exists(tok_path) or Tokenizer.load(tok_path).checksum != tokenizer.checksum:
-        tokenizer.save(tok_path)
-    atomic_save(dict(stage=stage, model_config=vars(raw.config), model=raw.state_dict(),
-                     tokenizer_checksum=tokenizer.checksum, **state),
-                os.path.join(out_dir, CKPT_FILE))
+    """Write out_dir/ckpt.pt: stage, model config + weights, tokenizer checksum, training state.
+    out_dir/tokenizer.json is written once, when the run starts (see prepare_out_dir)."""
+    atomic_write(os.path.join(out_dir, CKPT_FILE), lambda tmp: torch.save(
+        dict(stage=stage, model_config=vars(model.config), model=model.state_dict(),
+             tokenizer_checksum=tokenizer.checksum, **state), tmp))
+
+
+def prepare_out_dir(out_dir, tokenizer, resume, write=True):
+    """A fresh run never overwrites a checkpoint (that takes --resume, or deleting it) and
+    starts with an empty log; the tokenizer is written next to where the weights will be.
+    Every process checks, only one (write=True) writes."""
+    ckpt = os.path.join(out_dir, CKPT_FILE)
+    if not resume and os.path.exists(ckpt):
+        raise UserError(f"{ckpt} exists: pass --resume to continue that run, or choose another "
+                        "--out-dir (or delete it) to start a new one")
+    if write and not resume:
+        os.makedirs(out_dir, exist_ok=True)
+        for stale in ("log.jsonl", "eval.json"):
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
+        tokenizer.save(os.path.join(out_dir, TOKENIZER_FILE))
 
 
 def load_checkpoint(ckpt_dir, stages=None, device="cpu"):
@@ -125,32 +140,44 @@ def load_checkpoint(ckpt_dir, stages=None, device="cpu"):
     path = os.path.join(ckpt_dir, CKPT_FILE)
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path} (train one first, or check --ckpt/--init-from)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+    try:  # on the CPU first: RNG states must stay there, the weights move below
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-    if stages and ckpt.get("stage") not in stages:
-        raise UserError(f"{path} is a '{ckpt.get('stage')}' checkpoint; expected "
-                        f"{' or '.join(stages)}")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable checkpoint ({first})") from e
+    if not isinstance(ckpt, dict) or not {"stage", "model", "model_config"} <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint of this project (no stage/model/model_config)")
+    if stages and ckpt["stage"] not in stages:
+        raise UserError(f"{path} is a '{ckpt['stage']}' checkpoint; expected {' or '.join(stages)}")
     tok_path = os.path.join(ckpt_dir, TOKENIZER_FILE)
     if not os.path.isfile(tok_path):
         raise UserError(f"{ckpt_dir} has no {TOKENIZER_FILE}: the checkpoint cannot be decoded")
-    tokenizer = Tokenizer.load(tok_path)
-    if tokenizer.checksum != ckpt["tokenizer_checksum"]:
+    try:
+        tokenizer = Tokenizer.load(tok_path)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if tokenizer.checksum != ckpt.get("tokenizer_checksum"):
         raise UserError(f"{tok_path} does not match the tokenizer {path} was trained with")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{path}: weights do not fit the model config it records ({first})") from e
     return model.to(device), tokenizer, ckpt
 
 
 # ----------------------------------------------------------------------------- logs
 class MetricsLog:
-    """Appends one JSON object per line to out_dir/<name>.jsonl (with wall-clock time)."""
+    """Appends one JSON object per line to a .jsonl file (with wall-clock time). On resume,
+    records after the checkpoint's step are dropped: those steps are about to be redone."""
 
-    def __init__(self, path, enabled=True):
+    def __init__(self, path, enabled=True, resume_step=None):
         self.path, self.enabled = path, enabled
-        if enabled:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if enabled and resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+            write_text(path, "".join(kept))
 
     def write(self, **record):
         if self.enabled:
@@ -158,9 +185,12 @@ class MetricsLog:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
 
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -62,6 +62,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under autocast: keep q, k, cache in bf16
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:  # append this step's keys/values, attend over everything so far
             k, v = cache.update(layer, k, v)
@@ -163,17 +164,16 @@ class GPT(nn.Module):
 
         pad: (B,) left-padding counts of the rows (None: no padding). cache: a KVCache that this
         call appends to (its own `pad` is used)."""
-        B, T = idx.shape
+        T = idx.shape[1]
         start = cache.len if cache is not None else 0
         if cache is not None:
             pad = cache.pad
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
                              f"{self.config.block_size}")
-        if pad is None:
+        if pad is None:  # plain causal attention over one unpadded sequence per row
             cos, sin = self.cos[start:start + T], self.sin[start:start + T]
-            mask = None if start == 0 else padding_mask(torch.zeros(B, dtype=torch.long,
-                                                        device=idx.device), start, T, start + T)
+            mask = None
         else:
             pos = (torch.arange(start, start + T, device=idx.device) - pad[:, None]).clamp(min=0)
             cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
@@ -209,7 +209,10 @@ class GPT(nn.Module):
         pad = torch.tensor([L - len(p) for p in prompts], device=device)
         seq = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)
         gen = torch.Generator(device=device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        if seed is None:
+            gen.seed()  # fresh randomness, without touching torch's global RNG
+        else:
+            gen.manual_seed(seed)
         cache = KVCache(self.config, pad, L + max_new_tokens) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=device)
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
@@ -246,8 +249,8 @@ def sample_next(logits, temperature, top_k, top_p, gen):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)

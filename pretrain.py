@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (UserError, MetricsLog, autocast, die, load_checkpoint, maybe_compile,
-                    peak_flops, pick_dtype, save_checkpoint, setup_distributed, write_json)
+                    peak_flops, pick_dtype, prepare_out_dir, save_checkpoint, setup_distributed,
+                    write_json)
 from data import prepare, world
 from data.tokenizer import Tokenizer
 from model import GPT, GPTConfig
@@ -45,6 +46,16 @@ PRESETS = {
     "gpu": dict(n_layer=8, n_head=8, n_kv_head=8, n_embd=512, block_size=512, batch_size=128,
                 micro_batch=64, steps=3000, lr=1.5e-3, warmup=200, eval_every=500, eval_iters=20),
 }
+CONFIG_KEYS = set(PRESETS["cpu"]) | {"seed", "weight_decay", "grad_clip"}
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
 
 
 def parse_args(argv=None):
@@ -66,19 +77,19 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="init and data order (default 1337)")
     g = p.add_argument_group("model (defaults from the preset)")
     for f in MODEL_FIELDS:
-        g.add_argument("--" + f.replace("_", "-"), type=int)
+        g.add_argument("--" + f.replace("_", "-"), type=positive(int))
     g = p.add_argument_group("optimisation (defaults from the preset)")
-    g.add_argument("--steps", type=int, help="optimizer steps in the whole schedule")
-    g.add_argument("--batch-size", type=int, help="sequences per optimizer step, all processes")
-    g.add_argument("--micro-batch", type=int,
+    g.add_argument("--steps", type=positive(int), help="optimizer steps in the whole schedule")
+    g.add_argument("--batch-size", type=positive(int), help="sequences per optimizer step, all processes")
+    g.add_argument("--micro-batch", type=positive(int),
                    help="sequences per forward pass per process; the rest is accumulation")
-    g.add_argument("--lr", type=float, help="peak learning rate (cosine decay to lr/10)")
-    g.add_argument("--warmup", type=int, help="linear warmup steps")
+    g.add_argument("--lr", type=positive(float), help="peak learning rate (cosine decay to lr/10)")
+    g.add_argument("--warmup", type=positive(int), help="linear warmup steps")
     g.add_argument("--weight-decay", type=float, default=None, help="default 0.1")
     g.add_argument("--grad-clip", type=float, default=None, help="max grad norm (default 1.0)")
-    g.add_argument("--eval-every", type=int, help="steps between validation + checkpoint")
-    g.add_argument("--eval-iters", type=int, help="validation batches per evaluation")
-    g.add_argument("--stop-at", type=int, default=None,
+    g.add_argument("--eval-every", type=positive(int), help="steps between validation + checkpoint")
+    g.add_argument("--eval-iters", type=positive(int), help="validation batches per evaluation")
+    g.add_argument("--stop-at", type=positive(int), default=None,
                    help="stop after this step as if interrupted (the schedule still spans "
                         "--steps); --resume continues")
     g.add_argument("--no-behaviour-eval", action="store_true",
@@ -100,8 +111,6 @@ def resolve_config(a, saved=None):
     return {**PRESETS[preset], "preset": preset, "seed": 1337, "weight_decay": 0.1,
             "grad_clip": 1.0, **given}
 
-
-CONFIG_KEYS = set(PRESETS["cpu"]) | {"seed", "weight_decay", "grad_clip"}
 
 
 def lr_at(step, c):
@@ -152,15 +161,18 @@ def evaluate_base(model, tok, device, seed=0, n_zero_shot=100, batch_size=64):
     conts = complete([q + "\n" for q in questions], 24, temperature=1.0)
     result = {"zero_shot_question_rate": sum(map(world.is_question, conts)) / len(conts),
               "zero_shot_examples": [q + "\n" + c for q, c in zip(questions[:3], conts[:3])]}
+    def fits(text, new):
+        return 1 + len(tok.encode(text)) + new <= model.config.block_size
+
     for kind in ("capital", "symbol"):
-        items = world.fewshot_items(kind)
-        prompts = []
+        items, prompts = world.fewshot_items(kind), []
         for j, (q, _) in enumerate(items):  # 3 fixed examples that are not the question itself
             shots = [items[(j + k * 7 + 1) % len(items)] for k in range(3)]
             prompts.append(world.fewshot_prompt(shots, q))
-        answers = [world.fewshot_answer(c) for c in complete(prompts, 12, temperature=0)]
-        hits = [a == gold for a, (_, gold) in zip(answers, items)]
-        result[f"fewshot_{kind}_accuracy"] = sum(hits) / len(hits)
+        keep = [i for i, p in enumerate(prompts) if fits(p, 12)]  # a short context skips some
+        answers = complete([prompts[i] for i in keep], 12, temperature=0)
+        hits = [world.fewshot_answer(c) == items[i][1] for i, c in zip(keep, answers)]
+        result[f"fewshot_{kind}_accuracy"] = sum(hits) / len(hits) if hits else None
         result[f"fewshot_{kind}_n"] = len(hits)
     model.train()
     return result
@@ -216,6 +228,10 @@ def run(a, rank, world_size, device, master):
     if ckpt_tok.checksum != tok.checksum:
         raise UserError(f"{a.data} was tokenized with a different tokenizer than the checkpoint; "
                         f"prepare it with --tokenizer {a.init_from or a.out_dir}/tokenizer.json")
+    if ckpt is not None and ckpt["data_fingerprint"] != meta["fingerprint"]:
+        raise UserError(f"{a.data} is not the data the run in {a.out_dir} was trained on; resume "
+                        "with the same --data (or start a new run)")
+    prepare_out_dir(a.out_dir, tok, resume=ckpt is not None, write=master)
     per_step = c["micro_batch"] * world_size
     if c["batch_size"] % per_step:
         raise UserError(f"--batch-size {c['batch_size']} must be a multiple of --micro-batch x "
@@ -248,7 +264,8 @@ def run(a, rank, world_size, device, master):
     model = maybe_compile(model, a.compile, torch.zeros(1, T, dtype=torch.long, device=device))
     if world_size > 1:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if dev_type == "cuda" else None)
-    log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"), enabled=master)
+    log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"), enabled=master,
+                     resume_step=step if ckpt is not None else None)
     flops_per_step = raw.flops_per_token() * c["batch_size"] * T
     peak = peak_flops(device)
 
@@ -257,7 +274,7 @@ def run(a, rank, world_size, device, master):
             save_checkpoint(a.out_dir, "base", raw, tok, config=c, step=step, val_loss=loss,
                             optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                             data_rng=data_rng.get_state(),
-                            torch_rng=torch.get_rng_state(), data=os.path.abspath(a.data))
+                            torch_rng=torch.get_rng_state(), data_fingerprint=meta["fingerprint"])
 
     if master:
         print(f"base model: {raw.num_params(False) / 1e6:.2f}M parameters, {c['preset']} preset, "
@@ -294,7 +311,7 @@ def run(a, rank, world_size, device, master):
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}")
             step += 1
-            dt = time.time() - t0
+            dt = time.time() - t0  # the step itself; evaluation and checkpointing come after
             stats = dict(step=step, loss=round(loss, 4), lr=lr, tok_per_s=round(c["batch_size"] * T / dt))
             if peak:
                 stats["mfu"] = round(flops_per_step / dt / (peak * world_size), 4)

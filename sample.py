@@ -8,14 +8,12 @@ continuation. Ask it a question and watch what it does with it:
     echo "Q: What is the symbol for gold?" | python sample.py --prompt-file -
     python sample.py --ckpt out/base --interactive      # one prompt per line, Ctrl-D to quit
 
-Output streams token by token for a single sample. Sampling uses the KV cache; --seed makes it
-repeatable; --temperature 0 is greedy.
+Output streams token by token. Sampling uses the KV cache; --seed makes it repeatable;
+--temperature 0 is greedy.
 """
 import argparse
 import codecs
 import sys
-
-import torch
 
 from common import UserError, autocast, die, load_checkpoint, pick_device, pick_dtype
 
@@ -85,8 +83,10 @@ class Sampler:
 def main(argv=None):
     a = parse_args(argv)
     try:
-        if a.max_new_tokens < 1 or a.num_samples < 1:
-            raise UserError("--max-new-tokens and --num-samples must be at least 1")
+        if a.max_new_tokens < 1 or a.num_samples < 1 or (a.top_k is not None and a.top_k < 1):
+            raise UserError("--max-new-tokens, --num-samples and --top-k must be at least 1")
+        if a.temperature < 0 or (a.top_p is not None and not 0 < a.top_p <= 1):
+            raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
         s = Sampler(a)
         if a.interactive:
             while True:
@@ -94,8 +94,11 @@ def main(argv=None):
                     line = input("> ")
                 except EOFError:
                     break
-                if line.strip():
-                    s.run(line)
+                try:
+                    if line.strip():
+                        s.run(line)
+                except UserError as e:  # a bad prompt does not end the session
+                    print(f"error: {e}", file=sys.stderr)
             return
         if a.prompt_file:
             try:
@@ -104,8 +107,7 @@ def main(argv=None):
                 raise UserError(f"{a.prompt_file}: cannot read the prompt ({e})") from e
         else:
             text = a.prompt if a.prompt is not None else ""
-        with torch.no_grad():
-            s.run(text)
+        s.run(text)
     except UserError as e:
         die(str(e))
     except KeyboardInterrupt:

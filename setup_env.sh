@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 pip() { python -m pip -q --disable-pip-version-check "$@"; }
 # Linux without an NVIDIA GPU: take the small CPU build of torch, not the multi-GB CUDA one.
 if ! python -c 'import torch' 2>/dev/null && [ "$(uname)" = Linux ] && ! command -v nvidia-smi >/dev/null; then
-  pip install torch --index-url https://download.pytorch.org/whl/cpu || true
+  pip install --retries 0 --timeout 20 torch --index-url https://download.pytorch.org/whl/cpu || true
 fi
 pip install -r "$1"

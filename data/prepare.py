@@ -117,6 +117,8 @@ def prepare(out=DEFAULT_OUT, inputs=None, tokenizer=None, vocab_size=4096, seed=
     if tok.n_vocab > 2**16:
         raise ValueError(f"vocab size {tok.n_vocab} does not fit the uint16 token files (max 65536)")
     os.makedirs(out, exist_ok=True)
+    if os.path.exists(meta_path):  # from here until the new meta.json, the folder is incomplete
+        os.remove(meta_path)
     counts = {}
     for split, split_docs in (("train", train_docs), ("val", val_docs or train_docs[-1:])):
         ids = [[tok.eot_id] + d for d in tok.encode_batch(split_docs)]

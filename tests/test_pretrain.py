@@ -144,4 +144,49 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_goes_on(small_data, tmp_pat
     assert step > 0 and step % 5 == 0
     pretrain.main(FAST + ["--data", small_data, "--out-dir", str(out), "--steps", "100000",
                           "--resume", "--stop-at", str(step + 5)])
-    assert max(losses(out)) == step + 5
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == list(range(1, step + 6))  # the steps after the checkpoint were redone once
+
+
+def test_fresh_run_never_overwrites_a_checkpoint(small_data, tmp_path, capsys):
+    out = str(tmp_path / "base")
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--steps", "2"])
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    with pytest.raises(SystemExit):
+        pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--steps", "2"])
+    assert "pass --resume" in capsys.readouterr().err
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+
+
+def test_resume_on_other_data_is_refused(small_data, tmp_path, capsys):
+    out = str(tmp_path / "base")
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--steps", "4", "--stop-at", "2"])
+    other = tmp_path / "other"
+    shutil.copytree(small_data, other)
+    meta = json.load(open(other / "meta.json"))
+    meta["fingerprint"] = "0" * 64  # same tokenizer, other corpus
+    json.dump(meta, open(other / "meta.json", "w"))
+    with pytest.raises(SystemExit):
+        pretrain.main(FAST + ["--data", str(other), "--out-dir", out, "--resume"])
+    assert "is not the data the run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/nonexistent/data"], "no prepared data"),
+    (["--eval-every", "0"], "must be positive"),
+])
+def test_bad_arguments_get_one_line(small_data, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(FAST + ["--data", small_data, "--out-dir", str(tmp_path / "x"), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_init_from_with_another_shape_is_refused(small_data, tmp_path, capsys):
+    base = str(tmp_path / "base")
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", base, "--steps", "1"])
+    with pytest.raises(SystemExit):
+        pretrain.main(FAST + ["--data", small_data, "--out-dir", str(tmp_path / "x"),
+                              "--init-from", base, "--n-layer", "3"])
+    assert "--n-layer 3 differs from" in capsys.readouterr().err

@@ -75,3 +75,20 @@ def test_truncated_checkpoint_file(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(broken), "--prompt", "hi"])
     assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_malformed_tokenizer_and_foreign_checkpoint(ckpt, tmp_path, capsys):
+    import torch
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(broken), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert "malformed tokenizer file" in err and "Traceback" not in err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    torch.save({"weight": torch.zeros(2)}, foreign / "ckpt.pt")  # a plain state_dict
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(foreign), "--prompt", "hi"])
+    assert "not a checkpoint of this project" in capsys.readouterr().err
