@@ -12,6 +12,6 @@ elif [ -f out/base/ckpt.pt ]; then
 else
   python pretrain.py "$@"
 fi
-show() { echo; echo "\$ python sample.py $*"; python sample.py --ckpt out/base "$@"; }
+show() { printf '\n$ python sample.py --ckpt out/base'; printf ' %q' "$@"; echo; python sample.py --ckpt out/base "$@"; }
 show --prompt $'What is the capital of France?\n' --max-new-tokens 40 --seed 0
 show --prompt $'Q: What is the capital of Japan?\nA: Tokyo\n\nQ: What is the capital of Kenya?\nA: Nairobi\n\nQ: What is the chemical symbol for gold?\nA: Au\n\nQ: What is the capital of France?\nA:' --max-new-tokens 6 --temperature 0

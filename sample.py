@@ -70,14 +70,18 @@ class Sampler:
             # bytes of a character split across tokens until it is complete
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             out.write(text)
+            ended = False
             with autocast(self.device, self.dtype):
                 for t in self.model.stream([ids], n, seed=seed, **kw):
                     if t.item() == tok.eot_id:
-                        print("[the model ended the document]", file=sys.stderr)
+                        ended = True
                         break
                     out.write(decoder.decode(tok.decode_bytes([t.item()])))
                     out.flush()
             out.write(decoder.decode(b"", final=True) + "\n")
+            out.flush()
+            if ended:
+                print("[the model ended the document here]", file=sys.stderr)
 
 
 def main(argv=None):
