@@ -5,8 +5,10 @@ training state; loaded with weights_only=True, so never an arbitrary pickle) and
 file the model was trained with. Every write goes to a temporary file first and is then renamed,
 so a crash or Ctrl-C mid-write never leaves a half-written checkpoint behind.
 """
+import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -83,6 +85,34 @@ def maybe_compile(model, enabled, example):
         print(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
               "continuing without it", file=sys.stderr)
         return model
+
+
+# ----------------------------------------------------------------------------- optimisation
+def make_optimizer(model, lr, weight_decay, device):
+    """AdamW; weight decay on matrices (and embeddings) only, never on norm gains."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                             betas=(0.9, 0.95), fused=device.startswith("cuda"))
+
+
+def lr_at(step, lr, warmup, steps):
+    """Linear warmup to lr, then cosine decay to lr/10 at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def positive(kind):
+    """argparse type: a number > 0."""
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
 
 
 # bf16 dense tensor-core peak FLOP/s per GPU, for MFU. Matched by substring of the device name.

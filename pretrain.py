@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (UserError, MetricsLog, autocast, die, load_checkpoint, maybe_compile,
-                    peak_flops, pick_dtype, prepare_out_dir, save_checkpoint, setup_distributed,
-                    write_json)
+from common import (UserError, MetricsLog, autocast, die, load_checkpoint, lr_at,
+                    make_optimizer, maybe_compile, peak_flops, pick_dtype, positive,
+                    prepare_out_dir, save_checkpoint, setup_distributed, write_json)
 from data import prepare, world
 from data.tokenizer import Tokenizer
 from model import GPT, GPTConfig
@@ -47,15 +47,6 @@ PRESETS = {
                 micro_batch=64, steps=3000, lr=1.5e-3, warmup=200, eval_every=500, eval_iters=20),
 }
 CONFIG_KEYS = set(PRESETS["cpu"]) | {"seed", "weight_decay", "grad_clip"}
-
-
-def positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
 
 
 def parse_args(argv=None):
@@ -111,13 +102,6 @@ def resolve_config(a, saved=None):
     return {**PRESETS[preset], "preset": preset, "seed": 1337, "weight_decay": 0.1,
             "grad_clip": 1.0, **given}
 
-
-
-def lr_at(step, c):
-    if step < c["warmup"]:
-        return c["lr"] * (step + 1) / c["warmup"]
-    progress = (step - c["warmup"]) / max(1, c["steps"] - c["warmup"])
-    return c["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def batch(data, offsets, T, device):
@@ -246,11 +230,7 @@ def run(a, rank, world_size, device, master):
     dev_type = device.split(":")[0]
     if dev_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    decay = [p for p in model.parameters() if p.dim() >= 2]   # matrices and embeddings
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=c["lr"],
-                            betas=(0.9, 0.95), fused=dev_type == "cuda")
+    opt = make_optimizer(model, c["lr"], c["weight_decay"], device)
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == torch.float16)
     data_rng = torch.Generator().manual_seed(c["seed"] + 1)  # the same on every rank
     step, last_val = 0, None
@@ -286,7 +266,7 @@ def run(a, rank, world_size, device, master):
     try:
         while step < stop:
             t0 = time.time()
-            lr = lr_at(step, c)
+            lr = lr_at(step, c["lr"], c["warmup"], c["steps"])
             for group in opt.param_groups:
                 group["lr"] = lr
             offsets = torch.randint(len(train_data) - T - 1, (c["batch_size"],),

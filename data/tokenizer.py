@@ -175,6 +175,25 @@ class Tokenizer:
             raise KeyError(f"unknown special token {name!r}; have {list(self.specials)}")
         return self._special_ids[name]
 
+    # ------------------------------------------------------------------ chat format
+    # <|endoftext|> [<|system|> text <|end|>] (<|user|> text <|end|> <|assistant|> text <|end|>)*
+    # The loss mask is 1 on assistant text and its <|end|> (the model must learn to stop), 0 on
+    # everything else: system and user text, the role markers, and (in batches) padding.
+
+    def render_chat(self, messages, for_completion=False):
+        """Token ids and loss mask of a conversation (see check_chat for what is accepted).
+        for_completion: the prompt for the next assistant turn, ending with <|assistant|>."""
+        check_chat(messages, for_completion)
+        ids, mask = [self.eot_id], [0]
+        for m in messages:
+            body = self.encode(m["content"]) + [self.special("<|end|>")]
+            ids += [self.special(f"<|{m['role']}|>")] + body
+            mask += [0] + [int(m["role"] == "assistant")] * len(body)
+        if for_completion:
+            ids.append(self.special("<|assistant|>"))
+            mask.append(0)
+        return ids, mask
+
     def dumps(self) -> str:
         """Canonical file content: JSON, one hex-encoded token per line, in id order."""
         return json.dumps({"format": FILE_FORMAT, "pattern": self.pattern,
@@ -195,6 +214,7 @@ class Tokenizer:
                 f.write(self.dumps())
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a tokenizer is meant to be shared
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
@@ -212,3 +232,27 @@ class Tokenizer:
             return cls([bytes.fromhex(t) for t in obj["tokens"]], obj["pattern"], obj["special_tokens"])
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise ValueError(f"malformed tokenizer file {path}: {e!r}") from e
+
+
+def check_chat(messages, for_completion=False):
+    """Raise ValueError unless: an optional system message first, then user and assistant turns
+    alternating from user, every content a non-empty string, and the last turn the assistant's
+    (the user's, when the chat is a prompt for completion)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("a conversation is a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i}: needs a role of system, user or assistant")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise ValueError(f"message {i} ({m['role']}): empty or missing content")
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, m in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            article = "a" if want == "user" else "an"
+            raise ValueError(f"message {i + len(messages) - len(turns)}: expected {article} {want} "
+                             f"turn, got {m['role']} (roles must alternate user, assistant, ...)")
+    last = turns[-1]["role"] if turns else None
+    if last != ("user" if for_completion else "assistant"):
+        raise ValueError("a training chat must end with an assistant turn" if not for_completion
+                         else "a prompt must end with a user turn")
