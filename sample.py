@@ -1,31 +1,41 @@
-"""Generate text from any checkpoint.
+"""Generate text from any checkpoint, in the form that fits its stage.
 
-A base checkpoint is a next-token predictor, so the prompt is raw text and the output is its
-continuation. Ask it a question and watch what it does with it:
+A base checkpoint is a next-token predictor: the prompt is raw text and the output is its
+continuation. An instruct checkpoint (SFT and later) is a chat model: the prompt is a user turn,
+rendered in the chat format, and the output is the assistant's answer, which ends at <|end|>.
 
-    python sample.py --ckpt out/base --prompt "What is the capital of France?"
+    python sample.py --ckpt out/base --prompt $'What is the capital of France?\\n'
+    python sample.py --ckpt out/sft --prompt "What is the capital of France?"
+    python sample.py --ckpt out/sft --system "Answer in one word." --interactive   # chat REPL
+    python sample.py --compare out/base out/sft --prompt "What is the capital of France?"
     python sample.py --ckpt out/base --prompt-file prompt.txt --num-samples 3 --temperature 0.8
-    echo "Q: What is the symbol for gold?" | python sample.py --prompt-file -
-    python sample.py --ckpt out/base --interactive      # one prompt per line, Ctrl-D to quit
+    echo "Q: What is the chemical symbol for gold?" | python sample.py --prompt-file -
 
-Output streams token by token. Sampling uses the KV cache; --seed makes it repeatable;
---temperature 0 is greedy.
+With --compare, every checkpoint gets the same request: instruct models as chat, base models as
+plain text (the system prompt, if any, on a line before the question). Output streams token by
+token. Sampling uses the KV cache; --seed makes it repeatable; --temperature 0 is greedy.
 """
 import argparse
 import codecs
 import sys
 
 from common import UserError, autocast, die, load_checkpoint, pick_device, pick_dtype
+from data import chats
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="out/base", help="checkpoint folder (default: out/base)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--ckpt", default="out/base", help="checkpoint folder (default: out/base)")
+    which.add_argument("--compare", nargs="+", metavar="DIR",
+                       help="run the same prompt through each of these checkpoints")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt", help="the prompt text (for a chat model: the user's message)")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (- = stdin)")
-    src.add_argument("--interactive", action="store_true", help="read prompts line by line")
+    src.add_argument("--interactive", action="store_true",
+                     help="read prompts line by line (a chat model keeps the conversation)")
+    p.add_argument("--system", help="system prompt (chat models; base models see it as text)")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--num-samples", type=int, default=1, help="continuations of the same prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -38,19 +48,35 @@ def parse_args(argv=None):
 
 
 class Sampler:
-    def __init__(self, a):
-        self.a = a
+    def __init__(self, ckpt_dir, a):
+        self.a, self.name = a, ckpt_dir
         self.device = pick_device(a.device)
         self.dtype = pick_dtype(a.dtype, self.device)
-        self.model, self.tok, self.ckpt = load_checkpoint(a.ckpt, device=self.device)
+        self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, device=self.device)
         self.model.eval()
+        self.stage = ckpt["stage"]
+        self.chat = self.stage != "base"
+        self.history = []  # chat turns so far (interactive chat)
 
     def prompt_ids(self, text):
-        ids = [self.tok.eot_id] + self.tok.encode(text)  # <|endoftext|> opens every document
+        tok, system = self.tok, self.a.system
+        if self.chat:
+            messages = [{"role": "system", "content": system}] if system else []
+            messages += self.history + [{"role": "user", "content": text}]
+            try:
+                ids = tok.render_chat(messages, for_completion=True)[0]
+            except ValueError as e:
+                raise UserError(f"prompt: {e}") from None
+        elif system or self.a.compare:  # the same request, as the text a base model can read
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": text}]
+            ids = [tok.eot_id] + tok.encode(chats.plain_prompt(messages))
+        else:
+            ids = [tok.eot_id] + tok.encode(text)  # raw: <|endoftext|> opens every document
         ctx = self.model.config.block_size
         if len(ids) >= ctx:
-            raise UserError(f"the prompt is {len(ids)} tokens; this model's context is {ctx} "
-                            "(shorten the prompt)")
+            raise UserError(f"the prompt is {len(ids)} tokens; the context of {self.name} is "
+                            f"{ctx} (shorten the prompt{' or the conversation' if self.chat else ''})")
         return ids
 
     def run(self, text, out=None):
@@ -60,8 +86,9 @@ class Sampler:
         n = min(a.max_new_tokens, room)
         if n < a.max_new_tokens:
             print(f"note: only {room} tokens of context left; generating {n}", file=sys.stderr)
-        kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                  stop_ids=[tok.eot_id], pad_id=tok.pad_id)
+        stops = [tok.eot_id] + ([tok.special("<|end|>")] if self.chat else [])
+        kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop_ids=stops,
+                  pad_id=tok.pad_id)
         for s in range(a.num_samples):
             seed = None if a.seed is None else a.seed + s
             if a.num_samples > 1:
@@ -69,19 +96,26 @@ class Sampler:
             # stream: print each token as it arrives; the incremental decoder holds back the
             # bytes of a character split across tokens until it is complete
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            out.write(text)
-            ended = False
+            if not self.chat:
+                out.write(tok.decode(ids[1:]))
+            reply, ended = [], None
             with autocast(self.device, self.dtype):
                 for t in self.model.stream([ids], n, seed=seed, **kw):
-                    if t.item() == tok.eot_id:
-                        ended = True
+                    if t.item() in stops:
+                        ended = tok.decode([t.item()])
                         break
+                    reply.append(t.item())
                     out.write(decoder.decode(tok.decode_bytes([t.item()])))
                     out.flush()
             out.write(decoder.decode(b"", final=True) + "\n")
             out.flush()
-            if ended:
+            if ended == "<|endoftext|>":
                 print("[the model ended the document here]", file=sys.stderr)
+            elif self.chat and not ended:
+                print("[no end of turn: the answer was cut at --max-new-tokens]", file=sys.stderr)
+        if self.chat and a.interactive:
+            self.history += [{"role": "user", "content": text},
+                             {"role": "assistant", "content": tok.decode(reply) or "..."}]
 
 
 def main(argv=None):
@@ -91,11 +125,12 @@ def main(argv=None):
             raise UserError("--max-new-tokens, --num-samples and --top-k must be at least 1")
         if a.temperature < 0 or (a.top_p is not None and not 0 < a.top_p <= 1):
             raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
-        s = Sampler(a)
+        samplers = [Sampler(d, a) for d in (a.compare or [a.ckpt])]
         if a.interactive:
+            s = samplers[0]
             while True:
                 try:
-                    line = input("> ")
+                    line = input("you> " if s.chat else "> ")
                 except EOFError:
                     break
                 try:
@@ -111,7 +146,11 @@ def main(argv=None):
                 raise UserError(f"{a.prompt_file}: cannot read the prompt ({e})") from e
         else:
             text = a.prompt if a.prompt is not None else ""
-        s.run(text)
+        for s in samplers:
+            if a.compare:
+                form = "chat" if s.chat else "plain text"
+                print(f"\n=== {s.name} ({s.stage} model, prompted as {form}) ===", flush=True)
+            s.run(text)
     except UserError as e:
         die(str(e))
     except KeyboardInterrupt:

@@ -1,7 +1,6 @@
 """Tests for data/teacher.py: answer matching, each system rule, filler and flattery detection,
-the rubric's ordering, the flattery bias, ranking with and without noise, lookup, speed."""
+the rubric's ordering, the flattery bias, ranking with and without noise, lookup."""
 import random
-import time
 
 import pytest
 
@@ -171,14 +170,3 @@ def test_lookup():
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="kinds"):
         teacher.judge(item(kind="population", gold="about 66.1 million"), "66.1 million", True)
-
-
-def test_fast():
-    items = chats.eval_prompts()
-    replies = ["Paris.", "The capital of France is Madrid. I hope this helps!",
-               "WHAT A GREAT QUESTION! IT IS AU.", "What is the capital of Spain?\nWhat is"]
-    teacher.judge(items[0], "warm-up", True)
-    t = time.perf_counter()
-    for i in range(1000):
-        teacher.judge(items[i % len(items)], replies[i % len(replies)], i % 2 == 0)
-    assert time.perf_counter() - t < 0.5

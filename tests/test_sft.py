@@ -1,0 +1,153 @@
+"""sft.py: the loss mask really masks, the loss falls, the model learns to stop; bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+import pretrain
+import sft
+from common import load_checkpoint
+from data import chats
+
+
+@pytest.fixture(scope="module")
+def base(small_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("base"))
+    pretrain.main(["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--data",
+                   small_data, "--out-dir", out, "--steps", "150", "--eval-iters", "1"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tuned(base, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft"))
+    sft.main(["--preset", "tiny", "--device", "cpu", "--init-from", base, "--out-dir", out,
+              "--no-behaviour-eval"])
+    return out
+
+
+CHAT = [{"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris"},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome."}]
+
+
+def test_targets_are_the_assistant_tokens_only(base):
+    _, tok, _ = load_checkpoint(base)
+    (x, y), = sft.encode(tok, [CHAT], 128)[0]
+    ids, mask = tok.render_chat(CHAT)
+    assert x == ids[:-1]
+    assert [t for t in y if t != -1] == [t for t, m in zip(ids, mask) if m]
+    assert tok.decode([t for t in y if t != -1]) == "Paris<|end|>Rome.<|end|>"
+
+
+def test_loss_has_no_gradient_outside_the_mask(base):
+    model, tok, _ = load_checkpoint(base)
+    short = CHAT[:3]
+    examples, _ = sft.encode(tok, [CHAT, short], 128)
+    x, y = sft.collate(examples, tok.pad_id, "cpu")
+    logits, _ = model(x)
+    logits.retain_grad()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1,
+                                             reduction="sum")
+    loss.backward()
+    grad_norm = logits.grad.norm(dim=-1)  # (B, T): a position contributes iff its grad is nonzero
+    assert torch.equal(grad_norm > 0, y != -1)  # prompt, role markers and padding: exactly zero
+    # and the loss equals the hand-computed mean over assistant tokens
+    logp = logits.log_softmax(-1)
+    sel = y != -1
+    manual = -logp[sel].gather(-1, y[sel][:, None]).sum()
+    assert torch.allclose(sft.masked_loss_sum(model, x, y), manual, rtol=1e-5)
+
+
+def test_changing_prompt_side_targets_changes_nothing(base):
+    """Targets outside the mask are ignored: swap them for anything, loss and grads stay."""
+    model, tok, _ = load_checkpoint(base)
+    (x, y), = sft.encode(tok, [CHAT], 128)[0]
+    ids, mask = tok.render_chat(CHAT)
+    x = torch.tensor([x])
+    raw = torch.tensor([ids[1:]])
+    keep = torch.tensor([mask[1:]]).bool()
+    other = torch.where(keep, raw, torch.randint(0, 200, raw.shape))  # new prompt-side targets
+    grads = []
+    for targets in (torch.where(keep, raw, -1), torch.where(keep, other, -1)):
+        model.zero_grad()
+        loss = sft.masked_loss_sum(model, x, targets)
+        loss.backward()
+        grads.append((loss.item(), model.lm_head.weight.grad.clone()))
+    assert grads[0][0] == grads[1][0] and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_tiny_sft_loss_falls_and_model_stops_with_end_of_turn(base, tuned):
+    log = [json.loads(line) for line in open(os.path.join(tuned, "log.jsonl"))]
+    first = sum(r["loss"] for r in log[:5]) / 5
+    last = sum(r["loss"] for r in log[-5:]) / 5
+    assert last < first * 0.6, (first, last)
+    model, tok, ckpt = load_checkpoint(tuned, ["sft"])
+    items = chats.eval_prompts("heldout")[:64]
+    prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
+    results = sft.answer(model, tok, prompts)
+    assert sum(ended for _, ended, _ in results) / len(results) >= 0.9
+    base_model, _, _ = load_checkpoint(base)
+    base_results = sft.answer(base_model, tok, prompts)
+    assert sum(ended for _, ended, _ in base_results) / len(results) < 0.5
+
+
+def test_user_jsonl_messages_and_alpaca(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n\n" + json.dumps(
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."}) + "\n" + json.dumps(
+        {"instruction": "Translate", "input": "chat", "output": "cat"}) + "\n")
+    convs = sft.read_jsonl(str(path))
+    assert convs[0] == CHAT
+    assert convs[1] == [{"role": "user", "content": "Name a colour."},
+                        {"role": "assistant", "content": "Blue."}]
+    assert convs[2][0]["content"] == "Translate\n\nchat"
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", "d.jsonl:2: not valid JSON"),
+    ('{"prompt": "x"}', "d.jsonl:2: expected a 'messages' field"),
+    ('{"instruction": "x"}', "d.jsonl:2: field 'output' missing"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+     "d.jsonl:2: field 'messages': message 1: expected an assistant turn"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}',
+     "d.jsonl:2: field 'messages': message 1 \\(assistant\\): empty"),
+])
+def test_bad_jsonl_rows_name_file_line_and_field(tmp_path, line, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n" + line + "\n")
+    with pytest.raises(sft.UserError, match=message):
+        sft.read_jsonl(str(path))
+
+
+def test_too_long_conversations_are_left_out(base):
+    _, tok, _ = load_checkpoint(base)
+    long = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
+    examples, dropped = sft.encode(tok, [CHAT, long], 128)
+    assert len(examples) == 1 and dropped == 1
+
+
+def test_wrong_stage_and_missing_base(tuned, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sft.main(["--init-from", tuned, "--out-dir", str(tmp_path / "x"), "--device", "cpu"])
+    assert "is a 'sft' checkpoint; expected base" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sft.main(["--init-from", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "y")])
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_resume_continues_the_same_curve(base, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ["--preset", "tiny", "--device", "cpu", "--init-from", base, "--no-behaviour-eval",
+            "--eval-every", "4"]
+    sft.main(args + ["--out-dir", a, "--stop-at", "12"])
+    sft.main(args + ["--out-dir", b, "--stop-at", "8"])
+    sft.main(args + ["--out-dir", b, "--resume", "--stop-at", "12"])
+    la = {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(a, "log.jsonl")))}
+    lb = {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(b, "log.jsonl")))}
+    assert sorted(lb) == list(range(1, 13))
+    for step in (9, 12):
+        assert lb[step] == pytest.approx(la[step], rel=1e-5)
