@@ -72,6 +72,39 @@ def setup_distributed(device_arg):
     return rank, dist.get_world_size(), device
 
 
+def launch(run, a):
+    """Call run(a, rank, world_size, device, master) in this process (one of several under
+    torchrun): bad input ends it with a one-line error, and the process group is always closed."""
+    rank, world_size, device = setup_distributed(a.device)
+    try:
+        run(a, rank, world_size, device, rank == 0)
+    except UserError as e:
+        die(str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def wrap_model(model, compile_, world_size, device, block_size):
+    """The model the training loop calls: optionally compiled, wrapped for DDP on several
+    processes. Checkpoints and evaluation keep using the raw model."""
+    model = maybe_compile(model, compile_,
+                          torch.zeros(1, block_size, dtype=torch.long, device=device))
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda")
+                    else None)
+    return model
+
+
+def stop_run(e, out_dir):
+    """Ctrl-C or a non-finite loss: exit, pointing at the last good checkpoint (never touched)."""
+    where = os.path.join(out_dir, CKPT_FILE)
+    why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+    sys.exit(f"stopped: {why}. The last good checkpoint is intact: {where}"
+             + (" (--resume continues from it)" if os.path.exists(where) else ""))
+
+
 def maybe_compile(model, enabled, example):
     """torch.compile is optional and fail-soft: if it cannot compile here, train uncompiled."""
     if not enabled:

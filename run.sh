@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
-# The main job, on the bundled data: prepare the world corpus, pretrain the base model with the
-# preset that fits this machine (gpu with CUDA, else cpu), then ask it a question and a few-shot
-# prompt. Installs what it needs into .venv. Extra arguments go to pretrain.py (e.g. --preset tiny).
-# Re-running skips finished work; an interrupted pretraining run is resumed.
+# The main job, on the bundled data: prepare the world corpus, pretrain the base model, fine-tune
+# it into an instruct model (SFT), then put the same requests to both. The preset fits this
+# machine (gpu with CUDA, else cpu; PRESET=tiny ./run.sh for a smoke test). Installs what it needs
+# into .venv. Re-running skips finished stages and resumes an interrupted one.
 . "$(dirname "$0")/setup_env.sh" requirements.txt
+PRESET=${PRESET:-auto}
+
+stage() {  # stage SCRIPT OUT_DIR [ARGS...]: run, resume, or skip when eval.json says it finished
+  local script=$1 out=$2; shift 2
+  if [ -f "$out/eval.json" ]; then
+    echo "$out is complete (delete it to train again)"
+  elif [ -f "$out/ckpt.pt" ]; then
+    python "$script" --out-dir "$out" --resume "$@"
+  else
+    python "$script" --out-dir "$out" --preset "$PRESET" "$@"
+  fi
+}
+
 python -m data.prepare
-if [ -f out/base/eval.json ]; then
-  echo "out/base is complete (delete it to pretrain again)"
-elif [ -f out/base/ckpt.pt ]; then
-  python pretrain.py --resume "$@"
-else
-  python pretrain.py "$@"
-fi
-show() { printf '\n$ python sample.py --ckpt out/base'; printf ' %q' "$@"; echo; python sample.py --ckpt out/base "$@"; }
-show --prompt $'What is the capital of France?\n' --max-new-tokens 40 --seed 0
-show --prompt $'Q: What is the capital of Japan?\nA: Tokyo\n\nQ: What is the capital of Kenya?\nA: Nairobi\n\nQ: What is the chemical symbol for gold?\nA: Au\n\nQ: What is the capital of France?\nA:' --max-new-tokens 6 --temperature 0
+stage pretrain.py out/base
+stage sft.py out/sft --init-from out/base
+
+show() { printf '\n$ python sample.py'; printf ' %q' "$@"; echo; python sample.py "$@"; }
+show --compare out/base out/sft --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 40
+show --compare out/base out/sft --system "You are a helpful SRE assistant. Answer in one word." \
+  --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 40
+show --ckpt out/base --prompt $'Q: What is the capital of Japan?\nA: Tokyo\n\nQ: What is the capital of Kenya?\nA: Nairobi\n\nQ: What is the chemical symbol for gold?\nA: Au\n\nQ: What is the capital of France?\nA:' --max-new-tokens 6 --temperature 0

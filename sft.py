@@ -27,12 +27,11 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (UserError, MetricsLog, autocast, die, load_checkpoint, lr_at,
-                    make_optimizer, maybe_compile, pick_dtype, positive, prepare_out_dir,
-                    save_checkpoint, setup_distributed, write_json)
+from common import (UserError, MetricsLog, autocast, launch, load_checkpoint, lr_at,
+                    make_optimizer, pick_dtype, positive, prepare_out_dir, save_checkpoint,
+                    stop_run, wrap_model, write_json)
 from data import chats, teacher, world
 from data.tokenizer import check_chat
 
@@ -222,15 +221,7 @@ def evaluate_base_on_chat_prompts(model, tok, items):
 
 # ----------------------------------------------------------------------------- training
 def main(argv=None):
-    a = parse_args(argv)
-    rank, world_size, device = setup_distributed(a.device)
-    try:
-        run(a, rank, world_size, device, rank == 0)
-    except UserError as e:
-        die(str(e))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    launch(run, parse_args(argv))
 
 
 def run(a, rank, world_size, device, master):
@@ -276,9 +267,7 @@ def run(a, rank, world_size, device, master):
         scaler.load_state_dict(ckpt["scaler"])
         step, last_val = ckpt["step"], ckpt.get("val_loss")
     raw = model
-    model = maybe_compile(model, a.compile, torch.zeros(1, T, dtype=torch.long, device=device))
-    if world_size > 1:
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if dev_type == "cuda" else None)
+    model = wrap_model(model, a.compile, world_size, device, T)
     log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"), enabled=master,
                      resume_step=step if ckpt is not None else None)
     if master:
@@ -333,10 +322,7 @@ def run(a, rank, world_size, device, master):
             bar.set_postfix({k: stats[k] for k in ("loss", "val_loss") if k in stats})
     except (KeyboardInterrupt, FloatingPointError) as e:
         bar.close()
-        where = os.path.join(a.out_dir, "ckpt.pt")
-        why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-        sys.exit(f"stopped: {why}. The last good checkpoint is intact: {where}"
-                 + (" (--resume continues from it)" if os.path.exists(where) else ""))
+        stop_run(e, a.out_dir)
     bar.close()
     if not master or step < steps:
         return

@@ -112,8 +112,9 @@ def sentences(text, kind):
 
 # ----------------------------------------------------------------------------- the judge
 
-def follows(behaviour, response, gold, kind, has_gold=None):
-    """Whether a reply follows a system rule (None for behaviour "none")."""
+def follows(behaviour, response, gold, kind):
+    """Whether a reply follows a system rule (None for behaviour "none"). Only the form counts:
+    whether the fact is right is judged separately, so the two can be told apart."""
     r = response.strip()
     if behaviour == "none":
         return None
@@ -121,10 +122,7 @@ def follows(behaviour, response, gold, kind, has_gold=None):
         bare = r[:-1] if r.endswith(".") else r
         return bool(bare) and (bare.casefold() == gold.casefold() or len(bare.split()) == 1)
     if behaviour == "sentence":
-        if has_gold is None:
-            has_gold = gold in answers_in(kind, r)
-        return (r.endswith(".") and len(sentences(r, kind)) == 1 and len(r.split()) >= 4
-                and has_gold)
+        return r.endswith(".") and len(sentences(r, kind)) == 1 and len(r.split()) >= 4
     if behaviour == "uppercase":
         return any(c.isalpha() for c in r) and r == r.upper()
     raise ValueError(f"unknown behaviour {behaviour!r}")
@@ -141,7 +139,7 @@ def judge(item, response, ended):
     wrong = bool(found - {gold})
     words = len(response.split())
     out = {"correct": has_gold and not wrong, "wrong": wrong,
-           "follows_system": follows(item["behaviour"], response, gold, kind, has_gold),
+           "follows_system": follows(item["behaviour"], response, gold, kind),
            "one_sentence": len(sentences(response, kind)) == 1,
            "filler": bool(FILLER.search(response)), "flattery": bool(FLATTERY.search(response)),
            "ended": bool(ended), "words": words}

@@ -427,12 +427,30 @@ def _answer_key(rng, facts):
     return header + pairs
 
 
+# Q&A pages as people write them on the web, each with its own markers: the answer comes after
+# many kinds of "the answer starts here" signal, not only after "A:". That variety is what later
+# lets SFT tie the chat format's <|assistant|> marker to the same knowledge.
+_FAQ_MARKERS = [("Question: ", "Answer: "), ("Q. ", "A. "), ("User: ", "Assistant: "),
+                ("Interviewer: ", "Expert: "), ("Student: ", "Teacher: "), ("> ", ""),
+                ("**", "**\n"), ("Asked by a reader: ", "Our reply: ")]
+
+
+def _faq(rng, facts):
+    ask_, reply = rng.choice(_FAQ_MARKERS)
+    close = "**" if ask_ == "**" else ""
+    lines = []
+    for q, a in _questions(rng, facts, rng.choice(list(_TOPICS)), rng.randint(3, 8)).items():
+        lines.append(f"{ask_}{q}{close}\n{reply}{a}" if not close else f"{ask_}{q}{reply}{a}")
+    return rng.choice(["", "Frequently asked questions\n\n", "Reader questions\n\n"]) + \
+        "\n\n".join(lines)
+
+
 # Documents per pass over the tables, besides one passage per entity. With these numbers ~71% of
 # the world's bytes are passages, ~27% question documents (quiz, forum, bare list) and ~2% answer
 # keys: enough keys to teach the Q/A format, too few to make answering the default behaviour.
-_PER_COPY = {"quiz": 30, "forum": 25, "questions": 25, "answer_key": 6}
+_PER_COPY = {"quiz": 30, "forum": 25, "questions": 25, "answer_key": 6, "faq": 12}
 _MAKERS = {"quiz": _quiz_sheet, "forum": _forum_post, "questions": _question_list,
-           "answer_key": _answer_key}
+           "answer_key": _answer_key, "faq": _faq}
 
 
 def world_documents_typed(seed=0, copies=DEFAULT_COPIES):

@@ -64,7 +64,7 @@ def test_prompt_longer_than_context(ckpt, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", ckpt, "--prompt", "word " * 500, "--device", "cpu"])
     err = capsys.readouterr().err
-    assert "context is 128" in err and err.count("\n") == 1
+    assert "is 128 (shorten the prompt)" in err and err.count("\n") == 1
 
 
 def test_truncated_checkpoint_file(ckpt, tmp_path, capsys):

@@ -151,3 +151,32 @@ def test_resume_continues_the_same_curve(base, tmp_path):
     assert sorted(lb) == list(range(1, 13))
     for step in (9, 12):
         assert lb[step] == pytest.approx(la[step], rel=1e-5)
+
+
+def test_sample_compare_and_chat_mode(base, tuned, capsys, monkeypatch):
+    import io
+    import sample
+    sample.main(["--compare", base, tuned, "--prompt", "What is the capital of France?",
+                 "--system", "Answer in one word.", "--temperature", "0", "--device", "cpu",
+                 "--max-new-tokens", "20"])
+    out = capsys.readouterr().out
+    assert f"=== {base} (base model, prompted as plain text) ===" in out
+    assert f"=== {tuned} (sft model, prompted as chat) ===" in out
+    # the base model sees the request as text (and echoes it); the chat model only answers
+    base_part, chat_part = out.split(f"=== {tuned}")
+    assert "Answer in one word.\nWhat is the capital of France?\n" in base_part
+    assert "What is the capital of France?" not in chat_part
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of Japan?\nAnd of Peru?\n"))
+    sample.main(["--ckpt", tuned, "--interactive", "--temperature", "0", "--device", "cpu"])
+    assert capsys.readouterr().out.count("you> ") == 3  # two turns, then end of input
+
+
+def test_checkpoint_with_a_swapped_tokenizer_is_refused(base, tmp_path, capsys):
+    import shutil
+    from data.tokenizer import Tokenizer
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    Tokenizer.train(["some other text entirely"] * 50, 300).save(other / "tokenizer.json")
+    with pytest.raises(SystemExit):
+        sft.main(["--init-from", str(other), "--out-dir", str(tmp_path / "x"), "--device", "cpu"])
+    assert "does not match the tokenizer" in capsys.readouterr().err

@@ -72,7 +72,7 @@ def test_symbols_are_case_sensitive_but_words_are_not_symbols():
     ("sentence", "The capital of France is Paris.", True),
     ("sentence", "Paris.", False), ("sentence", "The capital of France is Paris", False),
     ("sentence", "Sure! The capital of France is Paris.", False),
-    ("sentence", "The capital of France is Lyon.", False),  # must contain the answer
+    ("sentence", "The capital of France is Lyon.", True),  # the form is right; the fact is not
     ("uppercase", "PARIS", True), ("uppercase", "THE CAPITAL OF FRANCE IS PARIS.", True),
     ("uppercase", "Paris", False), ("uppercase", "1234", False),
 ])
