@@ -211,9 +211,12 @@ def evaluate_base_on_chat_prompts(model, tok, items):
          if k in ("accuracy", "end_of_turn_rate")}
     plain = [[tok.eot_id] + tok.encode(chats.plain_prompt(it["messages"])) for it in items]
     texts = [t for t, _, _ in answer(model, tok, plain, max_new=24, temperature=1.0)]
+    verdicts = [teacher.judge(it, t, False) for it, t in zip(items, texts)]
     r["plain_question_rate"] = sum(map(world.is_question, texts)) / len(texts)
-    r["plain_accuracy"] = sum(teacher.judge(it, t, False)["correct"]
-                              for it, t in zip(items, texts)) / len(texts)
+    r["plain_accuracy"] = sum(v["correct"] for v in verdicts) / len(texts)
+    for b in sorted({it["behaviour"] for it in items} - {"none"}):
+        follows = [v["follows_system"] for it, v in zip(items, verdicts) if it["behaviour"] == b]
+        r[f"plain_adherence_{b}"] = sum(follows) / len(follows)
     r["plain_examples"] = [chats.plain_prompt(it["messages"]) + t for it, t in
                            list(zip(items, texts))[:2]]
     return r
