@@ -13,6 +13,12 @@ about the held-out rest, which the model knows from pretraining alone.
     python sft.py --resume                           # continue an interrupted run
     torchrun --standalone --nproc_per_node=2 sft.py  # DDP
 
+Replay: every step also trains on a few sequences of the base model's pretraining data
+(--replay, --replay-data). Without it, a model this small learns the chat format by memorising
+the fine-tuning facts, and answers a held-out question with a fact it was fine-tuned on ("The
+capital of Belgium is Brussels" for France). Keeping the pretraining task alive beside the chats
+is what lets the chat format reach the knowledge of pretraining (README: results).
+
 Conversations longer than the context are left out of training (their number is printed): a
 truncated conversation would teach answers that stop mid-sentence without <|end|>.
 """
@@ -32,15 +38,19 @@ from tqdm import tqdm
 from common import (UserError, MetricsLog, autocast, launch, load_checkpoint, lr_at,
                     make_optimizer, pick_dtype, positive, prepare_out_dir, save_checkpoint,
                     stop_run, wrap_model, write_json)
-from data import chats, teacher, world
+from data import chats, prepare, teacher, world
 from data.tokenizer import check_chat
+from pretrain import batch as lm_batch
 
-PRESETS = {
-    "tiny": dict(batch_size=16, micro_batch=16, epochs=1, lr=1e-3, warmup=5, eval_every=25),
-    "cpu": dict(batch_size=32, micro_batch=16, epochs=2, lr=5e-4, warmup=20, eval_every=100),
-    "gpu": dict(batch_size=64, micro_batch=64, epochs=3, lr=2e-4, warmup=50, eval_every=200),
+PRESETS = {  # replay: pretraining sequences mixed into every step (see the module docstring)
+    "tiny": dict(batch_size=16, micro_batch=16, epochs=1, lr=1e-3, warmup=5, eval_every=25,
+                 replay=0),
+    "cpu": dict(batch_size=32, micro_batch=16, epochs=4, lr=5e-4, warmup=20, eval_every=100,
+                replay=16),
+    "gpu": dict(batch_size=64, micro_batch=64, epochs=4, lr=2e-4, warmup=50, eval_every=200,
+                replay=32),
 }
-CONFIG_KEYS = set(PRESETS["cpu"]) | {"seed", "weight_decay", "grad_clip"}
+CONFIG_KEYS = set(PRESETS["cpu"]) | {"seed", "weight_decay", "grad_clip", "replay_data"}
 VAL_FRACTION = 0.05
 
 
@@ -67,6 +77,9 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, help="default 0.0")
     g.add_argument("--grad-clip", type=float, help="max grad norm (default 1.0)")
     g.add_argument("--eval-every", type=positive(int), help="steps between held-out loss + checkpoint")
+    g.add_argument("--replay", type=int, help="pretraining sequences per step (0: none)")
+    g.add_argument("--replay-data", help="the base model's prepared pretraining data (default: "
+                   "the bundled world)")
     g.add_argument("--stop-at", type=positive(int), help="stop after this step as if interrupted")
     g.add_argument("--no-behaviour-eval", action="store_true",
                    help="skip the judged evaluation at the end (eval.json: loss only)")
@@ -237,7 +250,8 @@ def run(a, rank, world_size, device, master):
         model, tok, _ = load_checkpoint(a.init_from, ["base"], device)
         preset = a.preset if a.preset != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
         c = {**PRESETS[preset], "preset": preset, "seed": 1337, "weight_decay": 0.0,
-             "grad_clip": 1.0, "init_from": a.init_from, "data": a.data, **given}
+             "grad_clip": 1.0, "init_from": a.init_from, "data": a.data,
+             "replay_data": prepare.DEFAULT_OUT, **given}
     convs = read_jsonl(c["data"]) if c["data"] else chats.sft_chats()
     fingerprint = hashlib.sha256(json.dumps(convs, sort_keys=True).encode()).hexdigest()
     if ckpt is not None and ckpt["data_fingerprint"] != fingerprint:
@@ -257,6 +271,22 @@ def run(a, rank, world_size, device, master):
         raise UserError(f"{len(train)} training conversations: fewer than one batch "
                         f"(--batch-size {c['batch_size']})")
     accum = c["batch_size"] // per_step
+    replay = None
+    if c["replay"]:
+        if c["replay"] % (accum * world_size):
+            raise UserError(f"--replay {c['replay']} must be a multiple of accumulation steps x "
+                            f"processes = {accum * world_size}")
+        if c["replay_data"] == prepare.DEFAULT_OUT and master:
+            prepare.prepare(c["replay_data"])  # the bundled world, prepared on first use
+        if world_size > 1:
+            dist.barrier()
+        try:
+            replay, meta = prepare.load_tokens(c["replay_data"], "train")
+        except ValueError as e:
+            raise UserError(f"{e} (--replay-data; or --replay 0 to train without replay)") from e
+        if meta["tokenizer_checksum"] != tok.checksum:
+            raise UserError(f"{c['replay_data']} was not tokenized with the tokenizer of the "
+                            "model; pass its pretraining data as --replay-data, or --replay 0")
     steps = c["epochs"] * (len(train) // c["batch_size"])
     prepare_out_dir(a.out_dir, tok, resume=ckpt is not None, write=master)
 
@@ -288,7 +318,11 @@ def run(a, rank, world_size, device, master):
             batch = [train[i] for i in step_indices(step, len(train), c).tolist()]
             n_targets = sum(sum(t != -1 for t in tgt) for _, tgt in batch)
             mine = batch[rank::world_size]
-            total = torch.zeros((), device=device)
+            if replay is not None:  # offsets are a function of the step, like the batch
+                g = torch.Generator().manual_seed(c["seed"] * 1_000_003 + step)
+                offsets = torch.randint(len(replay) - T - 1, (c["replay"],), generator=g)
+                offsets = offsets.view(accum, world_size, -1)[:, rank]
+            losses = torch.zeros(2, device=device)  # SFT loss, replay loss of this step
             for i in range(accum):
                 x, y = collate(mine[i * c["micro_batch"]:(i + 1) * c["micro_batch"]],
                                tok.pad_id, device)
@@ -296,21 +330,25 @@ def run(a, rank, world_size, device, master):
                     model.require_backward_grad_sync = i == accum - 1
                 with autocast(device, dtype):
                     # DDP averages gradients over processes; x world_size turns that into a sum
-                    loss = masked_loss_sum(model, x, y) * world_size / n_targets
-                scaler.scale(loss).backward()
-                total += loss.detach() / world_size
+                    sft_loss = masked_loss_sum(model, x, y) * world_size / n_targets
+                    rep_loss = torch.zeros((), device=device)
+                    if replay is not None:  # plus the pretraining loss, as in pretrain.py
+                        rep_loss = model(*lm_batch(replay, offsets[i], T, device))[1] / accum
+                scaler.scale(sft_loss + rep_loss).backward()
+                losses += torch.stack([sft_loss.detach(), rep_loss.detach()])
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), c["grad_clip"])
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             if world_size > 1:
-                dist.all_reduce(total)
-            loss = total.item()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}")
+                dist.all_reduce(losses)
+            loss, loss_replay = (losses / world_size).tolist()
+            if not math.isfinite(loss + loss_replay):
+                raise FloatingPointError(f"loss is {loss} (replay {loss_replay}) at step {step}")
             step += 1
-            stats = dict(step=step, loss=round(loss, 4), lr=lr, s_per_step=round(time.time() - t0, 3))
+            stats = dict(step=step, loss=round(loss, 4), replay_loss=round(loss_replay, 4), lr=lr,
+                         s_per_step=round(time.time() - t0, 3))
             if step % c["eval_every"] == 0 or step == stop:
                 stats["val_loss"] = round(val_loss(raw, val, c, tok, device, dtype), 4)
                 if not math.isfinite(stats["val_loss"]):
@@ -322,7 +360,7 @@ def run(a, rank, world_size, device, master):
                                     scaler=scaler.state_dict(), data_fingerprint=fingerprint)
             log.write(**stats)
             bar.update(1)
-            bar.set_postfix({k: stats[k] for k in ("loss", "val_loss") if k in stats})
+            bar.set_postfix({k: stats[k] for k in ("loss", "replay_loss", "val_loss") if k in stats})
     except (KeyboardInterrupt, FloatingPointError) as e:
         bar.close()
         stop_run(e, a.out_dir)

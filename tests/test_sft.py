@@ -20,10 +20,10 @@ def base(small_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tuned(base, tmp_path_factory):
+def tuned(base, small_data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sft"))
     sft.main(["--preset", "tiny", "--device", "cpu", "--init-from", base, "--out-dir", out,
-              "--no-behaviour-eval"])
+              "--no-behaviour-eval", "--replay-data", small_data])
     return out
 
 
@@ -139,10 +139,10 @@ def test_wrong_stage_and_missing_base(tuned, tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
 
 
-def test_resume_continues_the_same_curve(base, tmp_path):
+def test_resume_continues_the_same_curve(base, small_data, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     args = ["--preset", "tiny", "--device", "cpu", "--init-from", base, "--no-behaviour-eval",
-            "--eval-every", "4"]
+            "--eval-every", "4", "--replay", "4", "--replay-data", small_data]
     sft.main(args + ["--out-dir", a, "--stop-at", "12"])
     sft.main(args + ["--out-dir", b, "--stop-at", "8"])
     sft.main(args + ["--out-dir", b, "--resume", "--stop-at", "12"])
@@ -180,3 +180,30 @@ def test_checkpoint_with_a_swapped_tokenizer_is_refused(base, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sft.main(["--init-from", str(other), "--out-dir", str(tmp_path / "x"), "--device", "cpu"])
     assert "does not match the tokenizer" in capsys.readouterr().err
+
+
+def test_replay_data_must_match_the_tokenizer(base, tmp_path, capsys):
+    with pytest.raises(SystemExit):  # the bundled world's tokenizer is not the test base's
+        sft.main(["--preset", "tiny", "--device", "cpu", "--init-from", base, "--replay", "4",
+                  "--out-dir", str(tmp_path / "x")])
+    assert "was not tokenized with the tokenizer of the model" in capsys.readouterr().err
+
+
+def test_two_process_torchrun_matches_one_process(base, small_data, tmp_path):
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    args = ["--preset", "tiny", "--device", "cpu", "--init-from", base, "--no-behaviour-eval",
+            "--replay", "4", "--replay-data", small_data, "--batch-size", "8", "--micro-batch", "4",
+            "--stop-at", "4"]
+    sft.main(args + ["--out-dir", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", os.path.join(ROOT, "sft.py"), *args,
+                    "--out-dir", str(tmp_path / "two")], check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=300)
+    logs = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in ("one", "two")]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    for one, two in zip(*logs):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+        assert two["replay_loss"] == pytest.approx(one["replay_loss"], rel=1e-4)
