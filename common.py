@@ -48,8 +48,11 @@ def pick_dtype(name, device):
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise UserError(f"--dtype {name}: use auto, {', '.join(dtypes)}")
+    return dtypes[name]
 
 
 def autocast(device, dtype):
@@ -146,6 +149,13 @@ def positive(kind):
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
     return parse
+
+
+def nonnegative(text):
+    """argparse type: a whole number >= 0."""
+    if int(text) < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return int(text)
 
 
 # bf16 dense tensor-core peak FLOP/s per GPU, for MFU. Matched by substring of the device name.

@@ -206,6 +206,8 @@ def run(a, rank, world_size, device, master):
         raise UserError(f"{a.data} is not the data the run in {a.out_dir} was trained on; resume "
                         "with the same --data (or start a new run)")
     prepare_out_dir(a.out_dir, tok, resume=ckpt is not None, write=master)
+    if a.micro_batch is None:  # the preset's micro-batch, split over the processes
+        c["micro_batch"] = max(1, min(c["micro_batch"], c["batch_size"] // world_size))
     per_step = c["micro_batch"] * world_size
     if c["batch_size"] % per_step:
         raise UserError(f"--batch-size {c['batch_size']} must be a multiple of --micro-batch x "

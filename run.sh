@@ -5,6 +5,7 @@
 # into .venv. Re-running skips finished stages and resumes an interrupted one.
 . "$(dirname "$0")/setup_env.sh" requirements.txt
 PRESET=${PRESET:-auto}
+OUT=out; [ "$PRESET" = tiny ] && OUT=out/tiny  # a smoke test never stands in for a real run
 
 stage() {  # stage SCRIPT OUT_DIR [ARGS...]: run, resume, or skip when eval.json says it finished
   local script=$1 out=$2; shift 2
@@ -18,11 +19,11 @@ stage() {  # stage SCRIPT OUT_DIR [ARGS...]: run, resume, or skip when eval.json
 }
 
 python -m data.prepare
-stage pretrain.py out/base
-stage sft.py out/sft --init-from out/base
+stage pretrain.py $OUT/base
+stage sft.py $OUT/sft --init-from $OUT/base
 
 show() { printf '\n$ python sample.py'; printf ' %q' "$@"; echo; python sample.py "$@"; }
-show --compare out/base out/sft --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 40
-show --compare out/base out/sft --system "You are a helpful SRE assistant. Answer in one word." \
+show --compare $OUT/base $OUT/sft --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 40
+show --compare $OUT/base $OUT/sft --system "You are a helpful SRE assistant. Answer in one word." \
   --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 40
-show --ckpt out/base --prompt $'Q: What is the capital of Japan?\nA: Tokyo\n\nQ: What is the capital of Kenya?\nA: Nairobi\n\nQ: What is the chemical symbol for gold?\nA: Au\n\nQ: What is the capital of France?\nA:' --max-new-tokens 6 --temperature 0
+show --ckpt $OUT/base --prompt $'Q: What is the capital of Japan?\nA: Tokyo\n\nQ: What is the capital of Kenya?\nA: Nairobi\n\nQ: What is the chemical symbol for gold?\nA: Au\n\nQ: What is the capital of France?\nA:' --max-new-tokens 6 --temperature 0

@@ -61,10 +61,15 @@ class Sampler:
     def prompt_ids(self, text):
         tok, system = self.tok, self.a.system
         if self.chat:
-            messages = [{"role": "system", "content": system}] if system else []
-            messages += self.history + [{"role": "user", "content": text}]
+            head = [{"role": "system", "content": system}] if system else []
+            user = [{"role": "user", "content": text}]
             try:
-                ids = tok.render_chat(messages, for_completion=True)[0]
+                ids = tok.render_chat(head + self.history + user, for_completion=True)[0]
+                while self.history and len(ids) + 16 > self.model.config.block_size:
+                    self.history = self.history[2:]  # forget the oldest exchange to make room
+                    print("note: the conversation is longer than the context; the oldest "
+                          "exchange is forgotten", file=sys.stderr)
+                    ids = tok.render_chat(head + self.history + user, for_completion=True)[0]
             except ValueError as e:
                 raise UserError(f"prompt: {e}") from None
         elif system or self.a.compare:  # the same request, as the text a base model can read
@@ -115,7 +120,7 @@ class Sampler:
                 print("[no end of turn: the answer was cut at --max-new-tokens]", file=sys.stderr)
         if self.chat and a.interactive:
             self.history += [{"role": "user", "content": text},
-                             {"role": "assistant", "content": tok.decode(reply) or "..."}]
+                             {"role": "assistant", "content": tok.decode(reply).strip() or "..."}]
 
 
 def main(argv=None):
@@ -125,6 +130,8 @@ def main(argv=None):
             raise UserError("--max-new-tokens, --num-samples and --top-k must be at least 1")
         if a.temperature < 0 or (a.top_p is not None and not 0 < a.top_p <= 1):
             raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+        if a.interactive and a.compare:
+            raise UserError("--interactive talks to one checkpoint: use --ckpt, not --compare")
         samplers = [Sampler(d, a) for d in (a.compare or [a.ckpt])]
         if a.interactive:
             s = samplers[0]

@@ -15,9 +15,9 @@ about the held-out rest, which the model knows from pretraining alone.
 
 Replay: every step also trains on a few sequences of the base model's pretraining data
 (--replay, --replay-data). Without it, a model this small learns the chat format by memorising
-the fine-tuning facts, and answers a held-out question with a fact it was fine-tuned on ("The
-capital of Belgium is Brussels" for France). Keeping the pretraining task alive beside the chats
-is what lets the chat format reach the knowledge of pretraining (README: results).
+the fine-tuning facts, and answers a held-out question with a fact it was fine-tuned on (the
+capital of some other country). Keeping the pretraining task alive beside the chats is what lets
+the chat format reach the knowledge of pretraining (README: Results).
 
 Conversations longer than the context are left out of training (their number is printed): a
 truncated conversation would teach answers that stop mid-sentence without <|end|>.
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (UserError, MetricsLog, autocast, launch, load_checkpoint, lr_at,
-                    make_optimizer, pick_dtype, positive, prepare_out_dir, save_checkpoint,
-                    stop_run, wrap_model, write_json)
+                    make_optimizer, nonnegative, pick_dtype, positive, prepare_out_dir,
+                    save_checkpoint, stop_run, wrap_model, write_json)
 from data import chats, prepare, teacher, world
 from data.tokenizer import check_chat
 from pretrain import batch as lm_batch
@@ -50,7 +50,7 @@ PRESETS = {  # replay: pretraining sequences mixed into every step (see the modu
     "gpu": dict(batch_size=64, micro_batch=64, epochs=4, lr=2e-4, warmup=50, eval_every=200,
                 replay=32),
 }
-CONFIG_KEYS = set(PRESETS["cpu"]) | {"seed", "weight_decay", "grad_clip", "replay_data"}
+CONFIG_KEYS = set(PRESETS["cpu"]) | {"seed", "weight_decay", "grad_clip", "replay_data", "data"}
 VAL_FRACTION = 0.05
 
 
@@ -77,7 +77,7 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, help="default 0.0")
     g.add_argument("--grad-clip", type=float, help="max grad norm (default 1.0)")
     g.add_argument("--eval-every", type=positive(int), help="steps between held-out loss + checkpoint")
-    g.add_argument("--replay", type=int, help="pretraining sequences per step (0: none)")
+    g.add_argument("--replay", type=nonnegative, help="pretraining sequences per step (0: none)")
     g.add_argument("--replay-data", help="the base model's prepared pretraining data (default: "
                    "the bundled world)")
     g.add_argument("--stop-at", type=positive(int), help="stop after this step as if interrupted")
@@ -93,11 +93,15 @@ def read_jsonl(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not UTF-8 text") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -105,11 +109,11 @@ def read_jsonl(path):
             if isinstance(row, dict) and "messages" in row:
                 chat = row["messages"]
             elif isinstance(row, dict) and "instruction" in row:
-                if not isinstance(row.get("output"), str):
-                    raise UserError(f"{where}: field 'output' missing or not a string")
-                if not isinstance(row["instruction"], str) or \
-                        not isinstance(row.get("input", ""), str):
-                    raise UserError(f"{where}: fields 'instruction' and 'input' must be strings")
+                for field in ("instruction", "output"):
+                    if not isinstance(row.get(field), str) or not row[field].strip():
+                        raise UserError(f"{where}: field '{field}' missing, empty or not a string")
+                if not isinstance(row.get("input", ""), str):
+                    raise UserError(f"{where}: field 'input' must be a string")
                 prompt = "\n\n".join(t for t in (row["instruction"], row.get("input", "")) if t)
                 chat = [{"role": "user", "content": prompt},
                         {"role": "assistant", "content": row["output"]}]
@@ -183,6 +187,9 @@ def val_loss(model, examples, c, tok, device, dtype):
 def answer(model, tok, prompts, max_new=48, batch_size=64, temperature=0.0, seed=0):
     """Generate from token-id prompts; returns (text, ended with <|end|>, n tokens) per prompt."""
     stops = [tok.special("<|end|>"), tok.eot_id]
+    if max(map(len, prompts)) >= model.config.block_size:
+        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens leaves no room in the "
+                         f"context of {model.config.block_size}")
     out = []
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i:i + batch_size]
@@ -208,9 +215,11 @@ def evaluate_chat(model, tok, items, examples=3):
          "end_of_turn_rate": sum(v["ended"] for v in verdicts) / len(items),
          "mean_length_tokens": sum(n for _, _, n in results) / len(items),
          "mean_score": sum(v["score"] for v in verdicts) / len(items)}
-    for b in sorted({it["behaviour"] for it in items} - {"none"}):
-        follows = [v["follows_system"] for it, v in zip(items, verdicts) if it["behaviour"] == b]
-        r[f"adherence_{b}"] = sum(follows) / len(follows)
+    for b in sorted({it["behaviour"] for it in items}):
+        mine = [v for it, v in zip(items, verdicts) if it["behaviour"] == b]
+        r[f"accuracy_{b}"] = sum(v["correct"] for v in mine) / len(mine)
+        if b != "none":
+            r[f"adherence_{b}"] = sum(v["follows_system"] for v in mine) / len(mine)
     r["examples"] = [{"prompt": it["messages"], "response": text, "ended": ended}
                      for it, (text, ended, _) in list(zip(items, results))[:examples]]
     model.train()
@@ -263,6 +272,8 @@ def run(a, rank, world_size, device, master):
     if master and dropped:
         print(f"note: {dropped} conversations longer than the context ({T} tokens) are left out",
               file=sys.stderr)
+    if "micro_batch" not in given:  # the preset's micro-batch, split over the processes
+        c["micro_batch"] = max(1, min(c["micro_batch"], c["batch_size"] // world_size))
     per_step = c["micro_batch"] * world_size
     if c["batch_size"] % per_step:
         raise UserError(f"--batch-size {c['batch_size']} must be a multiple of --micro-batch x "
@@ -284,6 +295,8 @@ def run(a, rank, world_size, device, master):
             replay, meta = prepare.load_tokens(c["replay_data"], "train")
         except ValueError as e:
             raise UserError(f"{e} (--replay-data; or --replay 0 to train without replay)") from e
+        if len(replay) <= T + 1:
+            raise UserError(f"{c['replay_data']}: too little data to replay sequences of {T}")
         if meta["tokenizer_checksum"] != tok.checksum:
             raise UserError(f"{c['replay_data']} was not tokenized with the tokenizer of the "
                             "model; pass its pretraining data as --replay-data, or --replay 0")

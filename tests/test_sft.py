@@ -111,6 +111,7 @@ def test_user_jsonl_messages_and_alpaca(tmp_path):
     ("{not json", "d.jsonl:2: not valid JSON"),
     ('{"prompt": "x"}', "d.jsonl:2: expected a 'messages' field"),
     ('{"instruction": "x"}', "d.jsonl:2: field 'output' missing"),
+    ('{"instruction": "x", "output": " "}', "d.jsonl:2: field 'output' missing, empty"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
      "d.jsonl:2: field 'messages': message 1: expected an assistant turn"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}',
@@ -120,6 +121,13 @@ def test_bad_jsonl_rows_name_file_line_and_field(tmp_path, line, message):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"messages": CHAT}) + "\n" + line + "\n")
     with pytest.raises(sft.UserError, match=message):
+        sft.read_jsonl(str(path))
+
+
+def test_non_utf8_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps({"messages": CHAT}).encode() + b"\n{\"instruction\": \"\xff\"}\n")
+    with pytest.raises(sft.UserError, match="d.jsonl:2: not UTF-8"):
         sft.read_jsonl(str(path))
 
 
@@ -169,6 +177,14 @@ def test_sample_compare_and_chat_mode(base, tuned, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of Japan?\nAnd of Peru?\n"))
     sample.main(["--ckpt", tuned, "--interactive", "--temperature", "0", "--device", "cpu"])
     assert capsys.readouterr().out.count("you> ") == 3  # two turns, then end of input
+    # a conversation longer than the context forgets its oldest exchanges instead of failing
+    turns = "".join(f"Tell me the capital of country number {i}, please.\n" for i in range(8))
+    monkeypatch.setattr("sys.stdin", io.StringIO(turns))
+    sample.main(["--ckpt", tuned, "--interactive", "--system", "Answer in one word.",
+                 "--device", "cpu", "--seed", "0", "--max-new-tokens", "20"])
+    captured = capsys.readouterr()
+    assert captured.out.count("you> ") == 9 and "error" not in captured.err
+    assert "the oldest exchange is forgotten" in captured.err
 
 
 def test_checkpoint_with_a_swapped_tokenizer_is_refused(base, tmp_path, capsys):
