@@ -1,5 +1,8 @@
-"""Shared fixtures: a small prepared corpus (a slice of the bundled world) trains in seconds."""
+"""Shared fixtures: a small prepared corpus (a slice of the bundled world) and a tiny base model
+trained on it in seconds; and a helper that runs a training script under a real torchrun."""
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -17,3 +20,21 @@ def small_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     prepare.prepare(str(out), inputs=[str(src)], vocab_size=512, val_fraction=0.1, quiet=True)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(small_data, tmp_path_factory):
+    """A tiny base checkpoint (150 steps on small_data): real files, no knowledge."""
+    import pretrain
+    out = str(tmp_path_factory.mktemp("base"))
+    pretrain.main(["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--data",
+                   small_data, "--out-dir", out, "--steps", "150", "--eval-iters", "1"])
+    return out
+
+
+def torchrun(script, args, nproc=2):
+    """Run SCRIPT ARGS as `torchrun --standalone --nproc_per_node=NPROC` on the CPU (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={nproc}", os.path.join(ROOT, script), *args],
+                   check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)

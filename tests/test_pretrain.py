@@ -12,7 +12,7 @@ import torch
 
 import pretrain
 from data import prepare, world
-from tests.conftest import ROOT
+from tests.conftest import ROOT, torchrun
 
 FAST = ["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--eval-iters", "2"]
 
@@ -50,11 +50,7 @@ def test_resume_continues_the_same_curve(small_data, tmp_path):
 def test_two_process_torchrun_matches_one_process(small_data, tmp_path):
     args = FAST + ["--data", small_data, "--steps", "6", "--batch-size", "8", "--micro-batch", "4"]
     pretrain.main(args + ["--out-dir", str(tmp_path / "one")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node=2", os.path.join(ROOT, "pretrain.py"), *args,
-                    "--out-dir", str(tmp_path / "two")], check=True, env=env, cwd=ROOT,
-                   capture_output=True, timeout=300)
+    torchrun("pretrain.py", args + ["--out-dir", str(tmp_path / "two")])
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(two) == list(range(1, 7))
     for step in one:

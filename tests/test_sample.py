@@ -4,16 +4,12 @@ import shutil
 
 import pytest
 
-import pretrain
 import sample
 
 
-@pytest.fixture(scope="module")
-def ckpt(small_data, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("base"))
-    pretrain.main(["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--data",
-                   small_data, "--out-dir", out, "--steps", "30", "--eval-iters", "1"])
-    return out
+@pytest.fixture(scope="session")
+def ckpt(tiny_base):
+    return tiny_base
 
 
 def run(capsys, *args):
@@ -22,7 +18,7 @@ def run(capsys, *args):
 
 
 def test_prompt_is_continued_and_seed_repeats(ckpt, capsys):
-    args = ("--ckpt", ckpt, "--prompt", "What is the capital of France?", "--max-new-tokens",
+    args = ("--ckpt", ckpt, "--prompt", "What is the capital of France?\n", "--max-new-tokens",
             "20", "--seed", "7", "--device", "cpu")
     a, b = run(capsys, *args).out, run(capsys, *args).out
     assert a == b and a.startswith("What is the capital of France?")

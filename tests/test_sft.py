@@ -5,18 +5,14 @@ import os
 import pytest
 import torch
 
-import pretrain
 import sft
 from common import load_checkpoint
 from data import chats
 
 
-@pytest.fixture(scope="module")
-def base(small_data, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("base"))
-    pretrain.main(["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--data",
-                   small_data, "--out-dir", out, "--steps", "150", "--eval-iters", "1"])
-    return out
+@pytest.fixture(scope="session")
+def base(tiny_base):
+    return tiny_base
 
 
 @pytest.fixture(scope="module")
@@ -206,18 +202,12 @@ def test_replay_data_must_match_the_tokenizer(base, tmp_path, capsys):
 
 
 def test_two_process_torchrun_matches_one_process(base, small_data, tmp_path):
-    import subprocess
-    import sys
-    from tests.conftest import ROOT
+    from tests.conftest import torchrun
     args = ["--preset", "tiny", "--device", "cpu", "--init-from", base, "--no-behaviour-eval",
             "--replay", "4", "--replay-data", small_data, "--batch-size", "8", "--micro-batch", "4",
             "--stop-at", "4"]
     sft.main(args + ["--out-dir", str(tmp_path / "one")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node=2", os.path.join(ROOT, "sft.py"), *args,
-                    "--out-dir", str(tmp_path / "two")], check=True, env=env, cwd=ROOT,
-                   capture_output=True, timeout=300)
+    torchrun("sft.py", args + ["--out-dir", str(tmp_path / "two")])
     logs = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in ("one", "two")]
     assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
     for one, two in zip(*logs):
