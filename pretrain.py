@@ -290,8 +290,9 @@ def run(a, rank, world_size, device, master):
                 if not math.isfinite(stats["val_loss"]):  # never overwrite a good checkpoint
                     raise FloatingPointError(f"validation loss is {stats['val_loss']} at step {step}")
                 last_val = stats["val_loss"]
+            log.write(**stats)  # before the checkpoint: a resume never lacks a logged step
+            if "val_loss" in stats:
                 checkpoint(last_val)
-            log.write(**stats)
             bar.update(1)
             bar.set_postfix({k: stats[k] for k in ("loss", "val_loss", "tok_per_s", "mfu")
                              if k in stats})

@@ -367,11 +367,11 @@ def run(a, rank, world_size, device, master):
                 if not math.isfinite(stats["val_loss"]):
                     raise FloatingPointError(f"held-out loss is {stats['val_loss']} at step {step}")
                 last_val = stats["val_loss"]
-                if master:
-                    save_checkpoint(a.out_dir, "sft", raw, tok, config=c, step=step,
-                                    val_loss=last_val, optimizer=opt.state_dict(),
-                                    scaler=scaler.state_dict(), data_fingerprint=fingerprint)
-            log.write(**stats)
+            log.write(**stats)  # before the checkpoint: a resume never lacks a logged step
+            if "val_loss" in stats and master:
+                save_checkpoint(a.out_dir, "sft", raw, tok, config=c, step=step,
+                                val_loss=last_val, optimizer=opt.state_dict(),
+                                scaler=scaler.state_dict(), data_fingerprint=fingerprint)
             bar.update(1)
             bar.set_postfix({k: stats[k] for k in ("loss", "replay_loss", "val_loss") if k in stats})
     except (KeyboardInterrupt, FloatingPointError) as e:
