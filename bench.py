@@ -21,7 +21,8 @@ import time
 import torch
 
 import pretrain
-from common import autocast, maybe_compile, peak_flops, pick_device, pick_dtype
+from common import (UserError, autocast, die, maybe_compile, peak_flops, pick_device, pick_dtype,
+                    positive, writable_dir)
 from model import GPT, GPTConfig
 
 
@@ -110,11 +111,16 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps")
+    p.add_argument("--steps", type=positive(int), default=10, help="timed training steps")
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args()
-    device = pick_device(a.device)
-    dtype = pick_dtype(a.dtype, device)
+    try:  # mistakes are one line, before the benchmarks, never a traceback after them
+        device = pick_device(a.device)
+        dtype = pick_dtype(a.dtype, device)
+        if a.out:
+            writable_dir(os.path.dirname(os.path.abspath(a.out)), "--out")
+    except UserError as e:
+        die(str(e))
     preset = a.preset if a.preset != "auto" else ("gpu" if device.startswith("cuda") else "cpu")
     c = pretrain.PRESETS[preset]
     cfg = GPTConfig(vocab_size=4096, **{k: c[k] for k in pretrain.MODEL_FIELDS})

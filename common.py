@@ -10,7 +10,9 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import sys
+import tempfile
 import time
 
 import torch
@@ -20,6 +22,10 @@ from data.tokenizer import Tokenizer
 from model import GPT, GPTConfig
 
 CKPT_FILE, TOKENIZER_FILE = "ckpt.pt", "tokenizer.json"
+RESUME_FORMAT = 2  # the training state a checkpoint records; 2: data checksums, not paths
+# Between evaluations a run still checkpoints this often, so that Ctrl-C or a crash never costs
+# more than about a minute of training (the cpu preset's first evaluation is 3 minutes in).
+SAVE_EVERY_SECONDS = 60
 
 
 class UserError(Exception):
@@ -33,12 +39,24 @@ def die(msg):
 
 # ----------------------------------------------------------------------------- devices
 def pick_device(name="auto"):
+    """auto: cuda, then mps, then cpu. A named device must exist here: a one-line error if not."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: not a device this project runs on "
+                        "(auto, cpu, cuda, cuda:N, mps)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
+        raise UserError(f"--device {name}: no CUDA GPU is available here{build}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not mps:
+        raise UserError(f"--device {name}: MPS (Apple GPU) is not available here")
     return name
 
 
@@ -77,12 +95,17 @@ def setup_distributed(device_arg):
 
 def launch(run, a):
     """Call run(a, rank, world_size, device, master) in this process (one of several under
-    torchrun): bad input ends it with a one-line error, and the process group is always closed."""
-    rank, world_size, device = setup_distributed(a.device)
+    torchrun). However the run ends early, it ends with one line that says what is true: bad
+    input (exit 2), or Ctrl-C, a non-finite loss or a failed write (exit 1, naming what was
+    saved). The process group is always closed."""
     try:
+        writable_dir(a.out_dir, "--out-dir")  # before any work, not after it
+        rank, world_size, device = setup_distributed(a.device)
         run(a, rank, world_size, device, rank == 0)
     except UserError as e:
         die(str(e))
+    except (KeyboardInterrupt, FloatingPointError, OSError) as e:
+        stop_run(e, a.out_dir)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -101,11 +124,22 @@ def wrap_model(model, compile_, world_size, device, block_size):
 
 
 def stop_run(e, out_dir):
-    """Ctrl-C or a non-finite loss: exit, pointing at the last good checkpoint (never touched)."""
-    where = os.path.join(out_dir, CKPT_FILE)
-    why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-    sys.exit(f"stopped: {why}. The last good checkpoint is intact: {where}"
-             + (" (--resume continues from it)" if os.path.exists(where) else ""))
+    """Exit after Ctrl-C, a non-finite loss or a failed write, saying what is on disk."""
+    if isinstance(e, KeyboardInterrupt):
+        why = "interrupted"
+    elif isinstance(e, OSError):
+        why = f"{e.filename or 'a file'}: {e.strerror or e}"
+    else:
+        why = str(e)
+    sys.exit(f"stopped: {why}. {saved_state(out_dir)}")
+
+
+def saved_state(out_dir):
+    ckpt = os.path.join(out_dir, CKPT_FILE)
+    if os.path.exists(ckpt):
+        return f"The last good checkpoint is intact: {ckpt} (--resume continues from it)"
+    return (f"No checkpoint was saved in {out_dir} yet: there is nothing to resume, and the same "
+            "command starts over")
 
 
 def maybe_compile(model, enabled, example):
@@ -142,20 +176,23 @@ def lr_at(step, lr, warmup, steps):
 
 
 def positive(kind):
-    """argparse type: a number > 0."""
+    """argparse type: a finite number > 0."""
     def parse(text):
         value = kind(text)
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
     return parse
 
 
-def nonnegative(text):
-    """argparse type: a whole number >= 0."""
-    if int(text) < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return int(text)
+def nonnegative(kind):
+    """argparse type: a finite number >= 0."""
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        return value
+    return parse
 
 
 # bf16 dense tensor-core peak FLOP/s per GPU, for MFU. Matched by substring of the device name.
@@ -172,12 +209,38 @@ def peak_flops(device):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def writable_dir(path, flag):
+    """Create folder `path` if needed and prove that a file can be written in it, so that an
+    unusable output path is a one-line error naming its flag before any work, never a traceback
+    after it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+
+
 def atomic_write(path, write):
-    """write(tmp_path), then rename over `path`: readers see the old file or the new, never half."""
+    """write(tmp_path), then rename over `path`: readers see the old file or the new, never half.
+    A failed write (disk full, say) leaves the old file as it was and raises the OSError, named
+    after `path`; Ctrl-C during the write raises KeyboardInterrupt (torch.save turns both into a
+    RuntimeError)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # on disk before the rename, or a power cut could leave nothing
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from e
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -186,9 +249,12 @@ def atomic_write(path, write):
 def save_checkpoint(out_dir, stage, model, tokenizer, **state):
     """Write out_dir/ckpt.pt: stage, model config + weights, tokenizer checksum, training state.
     out_dir/tokenizer.json is written once, when the run starts (see prepare_out_dir)."""
-    atomic_write(os.path.join(out_dir, CKPT_FILE), lambda tmp: torch.save(
-        dict(stage=stage, model_config=vars(model.config), model=model.state_dict(),
-             tokenizer_checksum=tokenizer.checksum, **state), tmp))
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a Python file, so that a full disk raises an OSError
+            torch.save(dict(stage=stage, model_config=vars(model.config),
+                            model=model.state_dict(), tokenizer_checksum=tokenizer.checksum,
+                            resume_format=RESUME_FORMAT, **state), f)
+    atomic_write(os.path.join(out_dir, CKPT_FILE), write)
 
 
 def prepare_out_dir(out_dir, tokenizer, resume, write=True):
@@ -200,28 +266,35 @@ def prepare_out_dir(out_dir, tokenizer, resume, write=True):
         raise UserError(f"{ckpt} exists: pass --resume to continue that run, or choose another "
                         "--out-dir (or delete it) to start a new one")
     if write and not resume:
-        os.makedirs(out_dir, exist_ok=True)
         for stale in ("log.jsonl", "eval.json"):
             if os.path.exists(os.path.join(out_dir, stale)):
                 os.remove(os.path.join(out_dir, stale))
         tokenizer.save(os.path.join(out_dir, TOKENIZER_FILE))
 
 
-def load_checkpoint(ckpt_dir, stages=None, device="cpu"):
-    """Returns (model, tokenizer, ckpt dict). Clear errors for a missing directory, a checkpoint
-    of the wrong stage, or a tokenizer that is missing or does not match the weights."""
+def load_checkpoint(ckpt_dir, stages=None, device="cpu", flag="--ckpt"):
+    """Returns (model, tokenizer, ckpt dict). Clear errors, naming `flag`, for a missing
+    checkpoint, a file that is not one, a checkpoint of the wrong stage, or a tokenizer that is
+    missing or does not match the weights. flag="--resume" reads out_dir of the run to continue."""
     path = os.path.join(ckpt_dir, CKPT_FILE)
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path} (train one first, or check --ckpt/--init-from)")
+        if flag == "--resume":
+            raise UserError(f"--resume: no checkpoint in {ckpt_dir} to continue (check --out-dir, "
+                            "or start the run without --resume)")
+        raise UserError(f"{flag} {ckpt_dir}: no checkpoint there ({CKPT_FILE} is missing)")
     try:  # on the CPU first: RNG states must stay there, the weights move below
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first})") from e
+    except Exception as e:  # noqa: BLE001 - torch's own advice here would be to load unsafely
+        why = ("it holds Python objects that are not tensors, and is never unpickled"
+               if isinstance(e, pickle.UnpicklingError) else "not a PyTorch file, or a damaged one")
+        raise UserError(f"{path} is not a checkpoint of this project ({why})") from None
     if not isinstance(ckpt, dict) or not {"stage", "model", "model_config"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint of this project (no stage/model/model_config)")
     if stages and ckpt["stage"] not in stages:
         raise UserError(f"{path} is a '{ckpt['stage']}' checkpoint; expected {' or '.join(stages)}")
+    if flag == "--resume" and ckpt.get("resume_format") != RESUME_FORMAT:
+        raise UserError(f"{path} was saved by an older version of this project: its weights load "
+                        "(--init-from, sample.py), but its run cannot be resumed")
     tok_path = os.path.join(ckpt_dir, TOKENIZER_FILE)
     if not os.path.isfile(tok_path):
         raise UserError(f"{ckpt_dir} has no {TOKENIZER_FILE}: the checkpoint cannot be decoded")
@@ -249,13 +322,21 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+                kept = [line for line in f if logged_step(line) <= resume_step]
             write_text(path, "".join(kept))
 
     def write(self, **record):
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def logged_step(line):
+    """The step of a log line; a line cut short by a crash counts as after every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
 
 
 def write_text(path, text):

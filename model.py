@@ -32,11 +32,14 @@ class GPTConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
-        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
-                             f"and n_head by n_kv_head ({self.n_kv_head})")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head "
+                             f"{self.n_kv_head}")
         if (self.n_embd // self.n_head) % 2:
-            raise ValueError("head size n_embd/n_head must be even for rotary embeddings")
+            raise ValueError(f"the head size n_embd/n_head = {self.n_embd // self.n_head} must be "
+                             "even for rotary embeddings")
         if not self.ffn_hidden:
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
@@ -258,12 +261,13 @@ def sample_next(logits, temperature, top_k, top_p, gen):
 
 def export_hf(model: GPT, out_dir: str):
     """Write `model.safetensors` + `config.json` that transformers' LlamaForCausalLM loads as is."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     c = model.config
     os.makedirs(out_dir, exist_ok=True)
     tensors = {("model." + k if not k.startswith("lm_head") else k): v.detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "model.safetensors"), "wb") as f:  # a full disk: OSError
+        f.write(save(tensors, metadata={"format": "pt"}))
     hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=c.vocab_size,
               hidden_size=c.n_embd, intermediate_size=c.ffn_hidden, num_hidden_layers=c.n_layer,
               num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
@@ -281,12 +285,18 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Export a checkpoint's weights to Hugging Face format: "
                                 "model.safetensors + config.json, loadable by LlamaForCausalLM. "
                                 "(The tokenizer stays this project's: encode with data/tokenizer.py.)")
-    p.add_argument("ckpt", help="checkpoint folder, e.g. out/base")
-    p.add_argument("out", help="folder to write, e.g. out/base-hf")
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder, e.g. out/base")
+    p.add_argument("out", metavar="OUT", help="folder to write, e.g. out/base-hf")
     a = p.parse_args()
-    from common import UserError, die, load_checkpoint
+    from common import UserError, die, load_checkpoint, writable_dir
     try:
-        export_hf(load_checkpoint(a.ckpt)[0], a.out)
+        model = load_checkpoint(a.ckpt, flag="CKPT")[0]
+        writable_dir(a.out, "OUT")
+        export_hf(model, a.out)
     except UserError as e:
         die(str(e))
+    except OSError as e:  # the disk filled up, say: nothing but the export is touched
+        die(f"cannot write the export to {a.out} ({e.strerror or e}); it is incomplete")
+    except KeyboardInterrupt:
+        die(f"interrupted: {a.out} may hold an incomplete export")
     print(f"wrote {a.out}/model.safetensors and {a.out}/config.json")

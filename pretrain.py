@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (UserError, MetricsLog, autocast, launch, load_checkpoint, lr_at,
-                    make_optimizer, peak_flops, pick_dtype, positive, prepare_out_dir,
-                    save_checkpoint, stop_run, wrap_model, write_json)
+from common import (SAVE_EVERY_SECONDS, TOKENIZER_FILE, UserError, MetricsLog, autocast, launch,
+                    load_checkpoint, lr_at, make_optimizer, nonnegative, peak_flops, pick_dtype,
+                    positive, prepare_out_dir, save_checkpoint, wrap_model, write_json)
 from data import prepare, world
 from data.tokenizer import Tokenizer
 from model import GPT, GPTConfig
@@ -74,10 +74,13 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch", type=positive(int),
                    help="sequences per forward pass per process; the rest is accumulation")
     g.add_argument("--lr", type=positive(float), help="peak learning rate (cosine decay to lr/10)")
-    g.add_argument("--warmup", type=positive(int), help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, default=None, help="default 0.1")
-    g.add_argument("--grad-clip", type=float, default=None, help="max grad norm (default 1.0)")
-    g.add_argument("--eval-every", type=positive(int), help="steps between validation + checkpoint")
+    g.add_argument("--warmup", type=nonnegative(int), help="linear warmup steps (0: none)")
+    g.add_argument("--weight-decay", type=nonnegative(float), default=None, help="default 0.1")
+    g.add_argument("--grad-clip", type=nonnegative(float), default=None,
+                   help="max grad norm (default 1.0; 0 = no clipping)")
+    g.add_argument("--eval-every", type=positive(int),
+                   help=f"steps between validation + checkpoint (a checkpoint also at least "
+                        f"every {SAVE_EVERY_SECONDS} s)")
     g.add_argument("--eval-iters", type=positive(int), help="validation batches per evaluation")
     g.add_argument("--stop-at", type=positive(int), default=None,
                    help="stop after this step as if interrupted (the schedule still spans "
@@ -171,38 +174,43 @@ def run(a, rank, world_size, device, master):
         prepare.prepare(a.data)
     if world_size > 1:
         dist.barrier()
-    try:
+    try:  # load_tokens checks the folder against its meta.json, tokenizer included
         train_data, meta = prepare.load_tokens(a.data, "train")
         val_data, _ = prepare.load_tokens(a.data, "val")
         tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         raise UserError(str(e)) from e
-    if tok.checksum != meta["tokenizer_checksum"]:
-        raise UserError(f"{a.data}/tokenizer.json is not the tokenizer its token files were made with")
 
     # --- model: fresh, from another checkpoint, or resumed
     ckpt = None
     if a.resume:
-        model, ckpt_tok, ckpt = load_checkpoint(a.out_dir, ["base"], device)
+        model, ckpt_tok, ckpt = load_checkpoint(a.out_dir, ["base"], device, flag="--resume")
         c = resolve_config(a, ckpt["config"])
     else:
         c = resolve_config(a)
         if a.init_from:
-            model, ckpt_tok, _ = load_checkpoint(a.init_from, ["base"], device)
+            model, ckpt_tok, _ = load_checkpoint(a.init_from, ["base"], device, "--init-from")
             for k in MODEL_FIELDS:
                 if getattr(a, k) is not None and getattr(a, k) != getattr(model.config, k):
                     raise UserError(f"--{k.replace('_', '-')} {getattr(a, k)} differs from "
                                     f"{a.init_from} ({getattr(model.config, k)})")
             c.update({k: getattr(model.config, k) for k in MODEL_FIELDS})
         else:
+            try:
+                config = GPTConfig(vocab_size=tok.n_vocab, **{k: c[k] for k in MODEL_FIELDS})
+            except ValueError as e:
+                raise UserError(f"model shape: {e} (--n-embd, --n-head, --n-kv-head)") from None
             torch.manual_seed(c["seed"])
             ckpt_tok = tok
-            model = GPT(GPTConfig(vocab_size=tok.n_vocab, **{k: c[k] for k in MODEL_FIELDS}))
-            model.to(device)
+            model = GPT(config).to(device)
     if ckpt_tok.checksum != tok.checksum:
-        raise UserError(f"{a.data} was tokenized with a different tokenizer than the checkpoint; "
-                        f"prepare it with --tokenizer {a.init_from or a.out_dir}/tokenizer.json")
-    if ckpt is not None and ckpt["data_fingerprint"] != meta["fingerprint"]:
+        own = os.path.join(a.init_from or a.out_dir, TOKENIZER_FILE)
+        again = (prepare.command(a.data, **{**meta["arguments"], "tokenizer": own})
+                 if meta["arguments"]["inputs"] else
+                 f"python -m data.prepare --tokenizer {own} --out NEW_DIR, then --data NEW_DIR")
+        raise UserError(f"{a.data} was tokenized with another tokenizer than the checkpoint's; "
+                        f"prepare it with the checkpoint's: {again}")
+    if ckpt is not None and ckpt["data_checksum"] != meta["data_checksum"]:
         raise UserError(f"{a.data} is not the data the run in {a.out_dir} was trained on; resume "
                         "with the same --data (or start a new run)")
     prepare_out_dir(a.out_dir, tok, resume=ckpt is not None, write=master)
@@ -216,7 +224,8 @@ def run(a, rank, world_size, device, master):
     T = c["block_size"]
     if len(train_data) <= T + 1 or len(val_data) <= T + 1:
         raise UserError(f"{a.data}: too little data ({len(train_data)} train / {len(val_data)} "
-                        f"val tokens) for a context of {T}")
+                        f"val tokens) for a context of {T} (more text, a larger --val-fraction "
+                        "when preparing, or a smaller --block-size)")
 
     dtype = pick_dtype(a.dtype, device)
     dev_type = device.split(":")[0]
@@ -244,16 +253,18 @@ def run(a, rank, world_size, device, master):
             save_checkpoint(a.out_dir, "base", raw, tok, config=c, step=step, val_loss=loss,
                             optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                             data_rng=data_rng.get_state(),
-                            torch_rng=torch.get_rng_state(), data_fingerprint=meta["fingerprint"])
+                            torch_rng=torch.get_rng_state(), data_checksum=meta["data_checksum"])
 
     if master:
         print(f"base model: {raw.num_params(False) / 1e6:.2f}M parameters, {c['preset']} preset, "
               f"{device} {str(dtype).split('.')[-1]}, {world_size} process(es), "
               f"{c['batch_size']}x{T} tokens/step, {accum} accumulation step(s)", file=sys.stderr)
     stop = min(c["steps"], a.stop_at or c["steps"])
-    bar = tqdm(total=stop, initial=step, disable=not master, desc="pretrain", dynamic_ncols=True)
     model.train()
-    try:
+    last_save = time.time()
+    # Ctrl-C, a non-finite loss or a failed write stops the run here; launch() says what is saved
+    with tqdm(total=stop, initial=step, disable=not master, desc="pretrain",
+              dynamic_ncols=True) as bar:
         while step < stop:
             t0 = time.time()
             lr = lr_at(step, c["lr"], c["warmup"], c["steps"])
@@ -271,7 +282,8 @@ def run(a, rank, world_size, device, master):
                 scaler.scale(loss / accum).backward()
                 total += loss.detach() / accum
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), c["grad_clip"])
+            if c["grad_clip"] > 0:  # 0 means no clipping, as in nanoGPT
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), c["grad_clip"])
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -291,15 +303,12 @@ def run(a, rank, world_size, device, master):
                     raise FloatingPointError(f"validation loss is {stats['val_loss']} at step {step}")
                 last_val = stats["val_loss"]
             log.write(**stats)  # before the checkpoint: a resume never lacks a logged step
-            if "val_loss" in stats:
+            if "val_loss" in stats or time.time() - last_save > SAVE_EVERY_SECONDS:
                 checkpoint(last_val)
+                last_save = time.time()
             bar.update(1)
             bar.set_postfix({k: stats[k] for k in ("loss", "val_loss", "tok_per_s", "mfu")
                              if k in stats})
-    except (KeyboardInterrupt, FloatingPointError) as e:
-        bar.close()
-        stop_run(e, a.out_dir)
-    bar.close()
     if not master or step < c["steps"]:
         return
     result = {"stage": "base", "preset": c["preset"], "steps": step, "val_loss": last_val,

@@ -35,9 +35,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (UserError, MetricsLog, autocast, launch, load_checkpoint, lr_at,
-                    make_optimizer, nonnegative, pick_dtype, positive, prepare_out_dir,
-                    save_checkpoint, stop_run, wrap_model, write_json)
+from common import (SAVE_EVERY_SECONDS, UserError, MetricsLog, autocast, launch,
+                    load_checkpoint, lr_at, make_optimizer, nonnegative, pick_dtype, positive,
+                    prepare_out_dir, save_checkpoint, wrap_model, write_json)
 from data import chats, prepare, teacher, world
 from data.tokenizer import check_chat
 from pretrain import batch as lm_batch
@@ -50,7 +50,8 @@ PRESETS = {  # replay: pretraining sequences mixed into every step (see the modu
     "gpu": dict(batch_size=64, micro_batch=64, epochs=4, lr=2e-4, warmup=50, eval_every=200,
                 replay=32),
 }
-CONFIG_KEYS = set(PRESETS["cpu"]) | {"seed", "weight_decay", "grad_clip", "replay_data", "data"}
+CONFIG_KEYS = set(PRESETS["cpu"]) | {"seed", "weight_decay", "grad_clip", "replay_data", "data",
+                                     "init_from"}
 VAL_FRACTION = 0.05
 
 
@@ -59,7 +60,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
                    help="auto = gpu on CUDA, else cpu; flags below override its values")
-    p.add_argument("--init-from", default="out/base", help="base checkpoint (default: out/base)")
+    p.add_argument("--init-from", help="base checkpoint (default: out/base; on --resume, the "
+                   "run's own, which the final evaluation compares against)")
     p.add_argument("--data", metavar="JSONL",
                    help="your chats (default: the bundled world's SFT chats)")
     p.add_argument("--out-dir", default="out/sft", help="checkpoint folder (default: out/sft)")
@@ -73,11 +75,15 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=positive(int), help="conversations per step, all processes")
     g.add_argument("--micro-batch", type=positive(int), help="conversations per forward pass")
     g.add_argument("--lr", type=positive(float), help="peak learning rate (cosine to lr/10)")
-    g.add_argument("--warmup", type=positive(int), help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, help="default 0.0")
-    g.add_argument("--grad-clip", type=float, help="max grad norm (default 1.0)")
-    g.add_argument("--eval-every", type=positive(int), help="steps between held-out loss + checkpoint")
-    g.add_argument("--replay", type=nonnegative, help="pretraining sequences per step (0: none)")
+    g.add_argument("--warmup", type=nonnegative(int), help="linear warmup steps (0: none)")
+    g.add_argument("--weight-decay", type=nonnegative(float), help="default 0.0")
+    g.add_argument("--grad-clip", type=nonnegative(float),
+                   help="max grad norm (default 1.0; 0 = no clipping)")
+    g.add_argument("--eval-every", type=positive(int),
+                   help=f"steps between held-out loss + checkpoint (a checkpoint also at least "
+                        f"every {SAVE_EVERY_SECONDS} s)")
+    g.add_argument("--replay", type=nonnegative(int),
+                   help="pretraining sequences per step (0: none)")
     g.add_argument("--replay-data", help="the base model's prepared pretraining data (default: "
                    "the bundled world)")
     g.add_argument("--stop-at", type=positive(int), help="stop after this step as if interrupted")
@@ -91,7 +97,8 @@ def read_jsonl(path):
     """Chats from a JSONL file, one per line: {"messages": [...]} or Alpaca-style
     {"instruction", "input" (optional), "output"}. Errors name the file, line and field."""
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: " + ("a folder, not a JSONL file" if os.path.isdir(path)
+                                       else "no such file"))
     out = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -171,6 +178,9 @@ def masked_loss_sum(model, x, y):
 
 @torch.no_grad()
 def val_loss(model, examples, c, tok, device, dtype):
+    """Mean loss per assistant token of the held-out conversations; None when there are none."""
+    if not examples:
+        return None
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), c["micro_batch"]):
@@ -179,7 +189,7 @@ def val_loss(model, examples, c, tok, device, dtype):
             total += masked_loss_sum(model, x, y).item()
         count += int((y != -1).sum())
     model.train()
-    return total / max(count, 1)
+    return total / count
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -245,6 +255,40 @@ def evaluate_base_on_chat_prompts(model, tok, items):
 
 
 # ----------------------------------------------------------------------------- training
+def load_replay(c, tok, T, world_size, master):
+    """The pretraining tokens every step replays, and their checksum (None, None: no replay)."""
+    if not c["replay"]:
+        return None, None
+    path = c["replay_data"] or prepare.DEFAULT_OUT
+    if not c["replay_data"] and master:
+        prepare.prepare(path)  # the bundled world, prepared on first use
+    if world_size > 1:
+        dist.barrier()
+    try:
+        replay, meta = prepare.load_tokens(path, "train")
+    except ValueError as e:
+        raise UserError(f"{e} (--replay-data; or --replay 0 to train without replay)") from e
+    if len(replay) <= T + 1:
+        raise UserError(f"{path}: too little data to replay sequences of {T}")
+    if meta["tokenizer_checksum"] != tok.checksum:
+        raise UserError(f"{path} was not tokenized with the tokenizer of the model; pass its "
+                        "pretraining data as --replay-data, or --replay 0")
+    return replay, meta["data_checksum"]
+
+
+def check_paths_of_resumed_run(c, a):
+    """A path the run recorded that is gone (the project moved) is asked for by its flag."""
+    needed = [("--data", c["data"])]
+    if c["replay"]:
+        needed.append(("--replay-data", c["replay_data"]))  # None: the bundled world
+    if not c["data"] and not a.no_behaviour_eval:  # the final evaluation compares with the base
+        needed.append(("--init-from", c["init_from"]))
+    for flag, path in needed:
+        if path and not os.path.exists(path):
+            raise UserError(f"{flag} {path}: not found; the run in {a.out_dir} needs it: pass "
+                            f"{flag} with where it is now")
+
+
 def main(argv=None):
     launch(run, parse_args(argv))
 
@@ -252,26 +296,31 @@ def main(argv=None):
 def run(a, rank, world_size, device, master):
     given = {k: v for k, v in vars(a).items() if v is not None and k in CONFIG_KEYS}
     ckpt = None
-    if a.resume:
-        model, tok, ckpt = load_checkpoint(a.out_dir, ["sft"], device)
+    if a.resume:  # paths come from the run's config, unless given again (the project moved)
+        model, tok, ckpt = load_checkpoint(a.out_dir, ["sft"], device, flag="--resume")
         c = {**ckpt["config"], **given}
+        check_paths_of_resumed_run(c, a)
     else:
-        model, tok, _ = load_checkpoint(a.init_from, ["base"], device)
         preset = a.preset if a.preset != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
         c = {**PRESETS[preset], "preset": preset, "seed": 1337, "weight_decay": 0.0,
-             "grad_clip": 1.0, "init_from": a.init_from, "data": a.data,
-             "replay_data": prepare.DEFAULT_OUT, **given}
+             "grad_clip": 1.0, "init_from": "out/base", "data": None, "replay_data": None,
+             **given}  # replay_data None: the bundled world, wherever the project is
+        model, tok, _ = load_checkpoint(c["init_from"], ["base"], device, flag="--init-from")
     convs = read_jsonl(c["data"]) if c["data"] else chats.sft_chats()
-    fingerprint = hashlib.sha256(json.dumps(convs, sort_keys=True).encode()).hexdigest()
-    if ckpt is not None and ckpt["data_fingerprint"] != fingerprint:
+    chats_checksum = hashlib.sha256(json.dumps(convs, sort_keys=True).encode()).hexdigest()
+    if ckpt is not None and ckpt.get("chats_checksum") != chats_checksum:
         raise UserError(f"the chats differ from those the run in {a.out_dir} was trained on")
     n_val = max(1, int(len(convs) * VAL_FRACTION)) if len(convs) > 1 else 0
     T = model.config.block_size
     train, dropped = encode(tok, convs[n_val:], T)
-    val, _ = encode(tok, convs[:n_val] or convs[-1:], T)
+    val, val_dropped = encode(tok, convs[:n_val], T)  # never the training conversations
     if master and dropped:
         print(f"note: {dropped} conversations longer than the context ({T} tokens) are left out",
               file=sys.stderr)
+    if master and not val:
+        why = ("a single conversation leaves none to hold out" if n_val == 0 else
+               f"all {val_dropped} held-out conversations are longer than the context")
+        print(f"note: val_loss is not measured: {why}", file=sys.stderr)
     if "micro_batch" not in given:  # the preset's micro-batch, split over the processes
         c["micro_batch"] = max(1, min(c["micro_batch"], c["batch_size"] // world_size))
     per_step = c["micro_batch"] * world_size
@@ -282,24 +331,13 @@ def run(a, rank, world_size, device, master):
         raise UserError(f"{len(train)} training conversations: fewer than one batch "
                         f"(--batch-size {c['batch_size']})")
     accum = c["batch_size"] // per_step
-    replay = None
-    if c["replay"]:
-        if c["replay"] % (accum * world_size):
-            raise UserError(f"--replay {c['replay']} must be a multiple of accumulation steps x "
-                            f"processes = {accum * world_size}")
-        if c["replay_data"] == prepare.DEFAULT_OUT and master:
-            prepare.prepare(c["replay_data"])  # the bundled world, prepared on first use
-        if world_size > 1:
-            dist.barrier()
-        try:
-            replay, meta = prepare.load_tokens(c["replay_data"], "train")
-        except ValueError as e:
-            raise UserError(f"{e} (--replay-data; or --replay 0 to train without replay)") from e
-        if len(replay) <= T + 1:
-            raise UserError(f"{c['replay_data']}: too little data to replay sequences of {T}")
-        if meta["tokenizer_checksum"] != tok.checksum:
-            raise UserError(f"{c['replay_data']} was not tokenized with the tokenizer of the "
-                            "model; pass its pretraining data as --replay-data, or --replay 0")
+    if c["replay"] % (accum * world_size):
+        raise UserError(f"--replay {c['replay']} must be a multiple of accumulation steps x "
+                        f"processes = {accum * world_size}")
+    replay, replay_checksum = load_replay(c, tok, T, world_size, master)
+    if ckpt is not None and replay is not None and ckpt.get("replay_checksum") != replay_checksum:
+        raise UserError(f"--replay-data {c['replay_data'] or 'default'} is not the data the run in "
+                        f"{a.out_dir} replayed; pass the same --replay-data, or start a new run")
     steps = c["epochs"] * (len(train) // c["batch_size"])
     prepare_out_dir(a.out_dir, tok, resume=ckpt is not None, write=master)
 
@@ -320,9 +358,10 @@ def run(a, rank, world_size, device, master):
         print(f"SFT: {len(train)} conversations ({len(val)} held out for loss), {c['epochs']} "
               f"epoch(s) = {steps} steps of {c['batch_size']}, {device}", file=sys.stderr)
     stop = min(steps, a.stop_at or steps)
-    bar = tqdm(total=stop, initial=step, disable=not master, desc="sft", dynamic_ncols=True)
     model.train()
-    try:
+    last_save = time.time()
+    # Ctrl-C, a non-finite loss or a failed write stops the run here; launch() says what is saved
+    with tqdm(total=stop, initial=step, disable=not master, desc="sft", dynamic_ncols=True) as bar:
         while step < stop:
             t0 = time.time()
             lr = lr_at(step, c["lr"], c["warmup"], steps)
@@ -350,7 +389,8 @@ def run(a, rank, world_size, device, master):
                 scaler.scale(sft_loss + rep_loss).backward()
                 losses += torch.stack([sft_loss.detach(), rep_loss.detach()])
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), c["grad_clip"])
+            if c["grad_clip"] > 0:  # 0 means no clipping, as in nanoGPT
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), c["grad_clip"])
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -362,31 +402,32 @@ def run(a, rank, world_size, device, master):
             step += 1
             stats = dict(step=step, loss=round(loss, 4), replay_loss=round(loss_replay, 4), lr=lr,
                          s_per_step=round(time.time() - t0, 3))
-            if step % c["eval_every"] == 0 or step == stop:
-                stats["val_loss"] = round(val_loss(raw, val, c, tok, device, dtype), 4)
-                if not math.isfinite(stats["val_loss"]):
-                    raise FloatingPointError(f"held-out loss is {stats['val_loss']} at step {step}")
-                last_val = stats["val_loss"]
+            evaluate = step % c["eval_every"] == 0 or step == stop
+            if evaluate:  # None when no held-out conversation fits the context
+                held_out = val_loss(raw, val, c, tok, device, dtype)
+                if held_out is not None and not math.isfinite(held_out):
+                    raise FloatingPointError(f"held-out loss is {held_out} at step {step}")
+                last_val = stats["val_loss"] = None if held_out is None else round(held_out, 4)
             log.write(**stats)  # before the checkpoint: a resume never lacks a logged step
-            if "val_loss" in stats and master:
+            if (evaluate or time.time() - last_save > SAVE_EVERY_SECONDS) and master:
                 save_checkpoint(a.out_dir, "sft", raw, tok, config=c, step=step,
                                 val_loss=last_val, optimizer=opt.state_dict(),
-                                scaler=scaler.state_dict(), data_fingerprint=fingerprint)
+                                scaler=scaler.state_dict(), chats_checksum=chats_checksum,
+                                replay_checksum=replay_checksum)
+                last_save = time.time()
             bar.update(1)
-            bar.set_postfix({k: stats[k] for k in ("loss", "replay_loss", "val_loss") if k in stats})
-    except (KeyboardInterrupt, FloatingPointError) as e:
-        bar.close()
-        stop_run(e, a.out_dir)
-    bar.close()
+            bar.set_postfix({k: stats[k] for k in ("loss", "replay_loss", "val_loss")
+                             if stats.get(k) is not None})
     if not master or step < steps:
         return
     result = {"stage": "sft", "preset": c["preset"], "steps": step, "val_loss": last_val,
+              "val_conversations": len(val), "val_left_out_too_long": val_dropped,
               "train_conversations": len(train), "device": device}
     if not c["data"] and not a.no_behaviour_eval:
         t0 = time.time()
         items = chats.eval_prompts("heldout")
         result["heldout"] = evaluate_chat(raw, tok, items)
-        base, _, _ = load_checkpoint(c["init_from"], ["base"], device)
+        base, _, _ = load_checkpoint(c["init_from"], ["base"], device, flag="--init-from")
         result["base_on_same_prompts"] = evaluate_base_on_chat_prompts(base, tok, items)
         result["eval_seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(a.out_dir, "eval.json"), result)

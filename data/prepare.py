@@ -17,16 +17,18 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import sys
 import time
 
 import numpy as np
 
 from data import world
-from data.tokenizer import Tokenizer
+from data.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "cache", "world")
+DEFAULTS = dict(vocab_size=4096, seed=0, val_fraction=0.02, world_copies=None)  # the options
 
 
 def read_text_files(paths):
@@ -60,7 +62,8 @@ def read_text_files(paths):
 
 def pieces(doc, size=20_000):
     """Cut a long document at paragraph breaks into pieces of about `size` characters, so that
-    the validation split (whole pieces) samples every source, even a single long file."""
+    the validation split (whole pieces) samples every source, even a single long file. A
+    paragraph more than twice that long is cut at line breaks, else at spaces."""
     if len(doc) <= size:
         return [doc]
     out, cur = [], ""
@@ -69,92 +72,180 @@ def pieces(doc, size=20_000):
             out.append(cur)
             cur = ""
         cur += para + "\n\n"
-    return out + [cur] if cur.strip() else out
+    out = out + [cur] if cur.strip() else out
+    return [part for piece in out for part in cut_long(piece, size)]
 
 
-def fingerprint(args, files):
-    """Hash of every input byte and option that shapes the output."""
-    h = hashlib.sha256(json.dumps([args.vocab_size, args.seed, args.val_fraction,
-                                   args.world_copies]).encode())
+def cut_long(text, size):
+    out = []
+    while len(text) > 2 * size:  # cut after the last line break before `size`, else a space
+        at = text.rfind("\n", 0, size) + 1 or text.rfind(" ", 0, size) + 1 or size
+        out.append(text[:at])
+        text = text[at:]
+    return out + [text]
+
+
+def split(docs, val_fraction):
+    """(train, val) documents: whole documents are held out, but at least one stays for
+    training. A single document is cut in two, its end held out: validation text is never
+    training text."""
+    if len(docs) > 1:
+        n_val = min(max(1, round(len(docs) * val_fraction)), len(docs) - 1)
+        return docs[n_val:], docs[:n_val]
+    doc = docs[0]
+    at = int(len(doc) * (1 - val_fraction))
+    at = max(doc.rfind(" ", 0, at), doc.rfind("\n", 0, at)) + 1 or at
+    if not doc[:at].strip() or not doc[at:].strip():
+        raise ValueError(f"a single document of {len(doc)} characters is too short to hold out "
+                         "validation text: give more text, or several files")
+    return [doc[:at]], [doc[at:]]
+
+
+def fingerprint(options, files):
+    """Hash of every option and input byte that shapes the output. Contents only, never paths:
+    the same data has the same fingerprint wherever the project lives."""
+    h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for f in files:
-        h.update(f.encode())
-        h.update(open(f, "rb").read())
+        with open(f, "rb") as fh:
+            content = fh.read()
+        h.update(len(content).to_bytes(8, "little") + content)
     return h.hexdigest()
 
 
-def prepare(out=DEFAULT_OUT, inputs=None, tokenizer=None, vocab_size=4096, seed=0,
-            val_fraction=0.02, world_copies=None, quiet=False):
-    args = argparse.Namespace(vocab_size=vocab_size, seed=seed, val_fraction=val_fraction,
-                              world_copies=world_copies)
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
-    if inputs:
-        docs, files = read_text_files(inputs)
-    else:
-        docs, files = None, world.source_files()
+def command(out, inputs=None, tokenizer=None, **options):
+    """The command line that prepares `out` from these arguments (for error messages)."""
+    words = ["python", "-m", "data.prepare"] + (["--input", *inputs] if inputs else [])
+    if os.path.abspath(out) != DEFAULT_OUT:
+        words += ["--out", out]
     if tokenizer:
-        files = files + [tokenizer]
-    fp = fingerprint(args, files + [__file__, os.path.join(HERE, "tokenizer.py")])
-    meta_path = os.path.join(out, "meta.json")
-    if os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == fp:
-        say(f"{out} is up to date")
-        return out
+        words += ["--tokenizer", tokenizer]
+    for name, value in options.items():
+        if value != DEFAULTS[name]:
+            words += ["--" + name.replace("_", "-"), str(value)]
+    return shlex.join(words)
+
+
+def prepare(out=DEFAULT_OUT, inputs=None, tokenizer=None, quiet=False, **options):
+    """Prepare `out` from the bundled world (or from `inputs`, .txt files or folders), unless it
+    is already prepared from the same inputs and options. Options: see DEFAULTS."""
+    options = {**DEFAULTS, **options}
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+    if options["vocab_size"] < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"--vocab-size {options['vocab_size']}: at least 256 bytes + "
+                         f"{len(SPECIAL_TOKENS)} special tokens = {256 + len(SPECIAL_TOKENS)}")
+    if not 0 < options["val_fraction"] < 1:
+        raise ValueError(f"--val-fraction {options['val_fraction']}: must lie between 0 and 1")
+    if tokenizer and not os.path.isfile(tokenizer):
+        raise ValueError(f"--tokenizer {tokenizer}: no such file")
+    docs, files = read_text_files(inputs) if inputs else (None, world.source_files())
+    fp = fingerprint(options, files + ([tokenizer] if tokenizer else [])
+                     + [__file__, os.path.join(HERE, "tokenizer.py")])
+    try:
+        if check_prepared(out)["fingerprint"] == fp:
+            say(f"{out} is up to date")
+            return out
+    except ValueError:
+        pass  # not prepared, or incomplete: prepare it
     t0 = time.time()
     if docs is None:
-        kw = {} if world_copies is None else {"copies": world_copies}
-        docs = world.world_documents(seed=seed, **kw) + world.shakespeare_documents()
+        copies = {} if options["world_copies"] is None else {"copies": options["world_copies"]}
+        docs = world.world_documents(seed=options["seed"], **copies) + world.shakespeare_documents()
         say(f"generated the bundled world: {len(docs)} documents, "
             f"{sum(map(len, docs)) / 1e6:.1f} MB")
     docs = [p for d in docs for p in pieces(d)]
-    random.Random(seed).shuffle(docs)
-    n_val = max(1, round(len(docs) * val_fraction)) if len(docs) > 1 else 0
-    val_docs, train_docs = docs[:n_val], docs[n_val:]
+    random.Random(options["seed"]).shuffle(docs)
+    train_docs, val_docs = split(docs, options["val_fraction"])
     if tokenizer:
         tok = Tokenizer.load(tokenizer)
     else:
         t = time.time()
-        tok = Tokenizer.train(train_docs, vocab_size)
+        tok = Tokenizer.train(train_docs, options["vocab_size"])
         say(f"trained a {tok.n_vocab}-token BPE tokenizer in {time.time() - t:.1f}s")
     if tok.n_vocab > 2**16:
         raise ValueError(f"vocab size {tok.n_vocab} does not fit the uint16 token files (max 65536)")
-    os.makedirs(out, exist_ok=True)
-    if os.path.exists(meta_path):  # from here until the new meta.json, the folder is incomplete
-        os.remove(meta_path)
-    counts = {}
-    for split, split_docs in (("train", train_docs), ("val", val_docs or train_docs[-1:])):
-        ids = [[tok.eot_id] + d for d in tok.encode_batch(split_docs)]
-        arr = np.fromiter((t for d in ids for t in d), dtype=np.uint16)
-        tmp = os.path.join(out, f"{split}.bin.tmp")
-        arr.tofile(tmp)
-        os.replace(tmp, os.path.join(out, f"{split}.bin"))
-        counts[split] = int(arr.size)
-    tok.save(os.path.join(out, "tokenizer.json"))
-    n_bytes = sum(len(d.encode()) for d in docs)
-    meta = dict(fingerprint=fp, source="files" if inputs else "world",
-                inputs=[os.path.abspath(p) for p in inputs or []], vocab_size=tok.n_vocab,
-                tokenizer_checksum=tok.checksum, n_documents=len(docs), n_bytes=n_bytes,
-                train_tokens=counts["train"], val_tokens=counts["val"],
-                bytes_per_token=round(n_bytes / (counts["train"] + counts["val"]), 3),
-                seed=seed, seconds=round(time.time() - t0, 1))
-    with open(meta_path + ".tmp", "w") as f:
+    written = write_split_files(out, tok, {"train": train_docs, "val": val_docs})
+    n_docs = len(train_docs) + len(val_docs)
+    n_bytes = sum(len(d.encode()) for d in train_docs + val_docs)
+    n_text_tokens = written["train_tokens"] + written["val_tokens"] - n_docs  # no <|endoftext|>
+    meta = dict(fingerprint=fp, arguments=dict(inputs=inputs, tokenizer=tokenizer, **options),
+                source="files" if inputs else "world", **written, vocab_size=tok.n_vocab,
+                tokenizer_checksum=tok.checksum, n_documents=n_docs, n_bytes=n_bytes,
+                bytes_per_token=round(n_bytes / n_text_tokens, 3), seed=options["seed"],
+                seconds=round(time.time() - t0, 1))
+    with open(os.path.join(out, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)  # written last: its presence means "complete"
-    say(f"wrote {out}: {counts['train']:,} train + {counts['val']:,} val tokens "
-        f"({meta['bytes_per_token']} bytes/token) in {meta['seconds']}s")
+    os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))  # written
+    say(f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
+        f"({meta['bytes_per_token']} bytes/token) in {meta['seconds']}s")  # last: "complete"
     return out
 
 
-def load_tokens(data_dir, split):
-    """Memory-map one split, checking it against meta.json and tokenizer.json."""
-    meta_path, path = os.path.join(data_dir, "meta.json"), os.path.join(data_dir, f"{split}.bin")
-    if not os.path.isfile(meta_path) or not os.path.isfile(path):
-        raise ValueError(f"{data_dir}: no prepared data (run: python -m data.prepare --out "
-                         f"{data_dir})")
-    meta = json.load(open(meta_path))
-    size = os.path.getsize(path)
-    expected = meta[f"{split}_tokens"]
-    if size != 2 * expected:
-        raise ValueError(f"{path}: {size} bytes, but meta.json says {expected} uint16 tokens; "
-                         "the token file does not belong to this dataset (prepare it again)")
+def write_split_files(out, tok, split_docs):
+    """train.bin, val.bin (every document opens with <|endoftext|>) and tokenizer.json. Returns
+    the token counts and a checksum of the tokens: the identity of the data a run trains on."""
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "meta.json")):  # incomplete until the new one is written
+        os.remove(os.path.join(out, "meta.json"))
+    counts, checksum = {}, hashlib.sha256()
+    for name, docs in split_docs.items():
+        ids = [[tok.eot_id] + d for d in tok.encode_batch(docs)]
+        arr = np.fromiter((t for d in ids for t in d), dtype=np.uint16)
+        tmp = os.path.join(out, f"{name}.bin.tmp")
+        arr.tofile(tmp)
+        os.replace(tmp, os.path.join(out, f"{name}.bin"))
+        counts[f"{name}_tokens"] = int(arr.size)
+        checksum.update(arr.size.to_bytes(8, "little") + arr.tobytes())
+    tok.save(os.path.join(out, "tokenizer.json"))
+    return dict(counts, data_checksum=checksum.hexdigest())
+
+
+def check_prepared(data_dir):
+    """The one check of a prepared folder, made before it is used and before it is called up
+    to date: meta.json readable, and every file it records present with the recorded size (the
+    tokenizer with the recorded checksum). Returns meta.json's contents; a ValueError says what
+    is wrong and the command that prepares the folder again."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if os.path.abspath(data_dir) == DEFAULT_OUT:
+        redo = "python -m data.prepare"
+    else:
+        redo = f"python -m data.prepare --input YOUR_TEXT_FILES --out {shlex.quote(data_dir)}"
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"{data_dir}: no prepared data (no meta.json); prepare it: {redo}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        redo = command(data_dir, **meta["arguments"])
+        sizes = {f"{s}.bin": 2 * meta[f"{s}_tokens"] for s in ("train", "val")}
+        tokenizer_checksum = meta["tokenizer_checksum"]
+        missing = {"data_checksum", "source", "vocab_size", "fingerprint"} - meta.keys()
+        if missing:  # keys the stages read
+            raise KeyError(", ".join(sorted(missing)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path}: unreadable, or from an older version of this project "
+                         f"({type(e).__name__}: {e}); prepare it again: {redo}") from None
+    for name, size in sizes.items():
+        path = os.path.join(data_dir, name)
+        found = os.path.getsize(path) if os.path.isfile(path) else None
+        if found != size:
+            what = "is missing" if found is None else f"has {found} bytes, not {size}"
+            raise ValueError(f"{path} {what} (see meta.json): the folder is incomplete; prepare "
+                             f"it again: {redo}")
+    tok_path = os.path.join(data_dir, "tokenizer.json")
+    if not os.path.isfile(tok_path) or file_sha256(tok_path) != tokenizer_checksum:
+        raise ValueError(f"{tok_path} is missing or not the tokenizer of the token files; "
+                         f"prepare it again: {redo}")
+    return meta
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load_tokens(data_dir, split_name):
+    """Memory-map one split ("train" or "val") after check_prepared."""
+    meta = check_prepared(data_dir)
+    path = os.path.join(data_dir, f"{split_name}.bin")
     data = np.memmap(path, dtype=np.uint16, mode="r")
     if data.size and int(data.max()) >= meta["vocab_size"]:
         raise ValueError(f"{path}: token id {int(data.max())} >= vocab size "
@@ -163,29 +254,37 @@ def load_tokens(data_dir, split):
 
 
 def main():
+    from common import UserError, die, nonnegative, positive, writable_dir  # torch: CLI only
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", metavar="PATH",
                    help="your own .txt files or folders, one document per file (default: the "
                         "bundled world)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: data/cache/world)")
     p.add_argument("--tokenizer", metavar="FILE",
                    help="reuse this tokenizer.json instead of training one (needed to continue "
                         "pretraining a checkpoint: pass its out/base/tokenizer.json)")
-    p.add_argument("--vocab-size", type=int, default=4096,
+    p.add_argument("--vocab-size", type=positive(int), default=DEFAULTS["vocab_size"],
                    help="tokenizer size incl. 256 bytes and the special tokens (default: 4096)")
-    p.add_argument("--seed", type=int, default=0, help="world generation and split seed")
-    p.add_argument("--val-fraction", type=float, default=0.02,
-                   help="fraction of documents held out for validation loss (default: 0.02)")
-    p.add_argument("--world-copies", type=int, default=None,
+    p.add_argument("--seed", type=nonnegative(int), default=DEFAULTS["seed"],
+                   help="world generation and split seed (default: 0)")
+    p.add_argument("--val-fraction", type=positive(float), default=DEFAULTS["val_fraction"],
+                   help="fraction of the documents held out for the validation loss; a single "
+                        "document gives that fraction of its end (default: 0.02)")
+    p.add_argument("--world-copies", type=positive(int), default=None,
                    help="passes the world generator makes over the fact tables (default: "
                         "world.py's own)")
     a = p.parse_args()
     try:
-        prepare(a.out, a.input, a.tokenizer, a.vocab_size, a.seed, a.val_fraction, a.world_copies)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        writable_dir(a.out, "--out")
+        prepare(a.out, a.input, a.tokenizer, vocab_size=a.vocab_size, seed=a.seed,
+                val_fraction=a.val_fraction, world_copies=a.world_copies)
+    except (UserError, ValueError) as e:
+        die(str(e))
+    except OSError as e:  # the disk filled up, say; meta.json is written last, so a rerun redoes it
+        sys.exit(f"error: {e.filename or a.out}: {e.strerror or e}; {a.out} is incomplete")
+    except KeyboardInterrupt:
+        sys.exit(f"stopped: interrupted; {a.out} is incomplete (run the command again)")
 
 
 if __name__ == "__main__":

@@ -92,3 +92,21 @@ def test_parity_with_huggingface_llama(tmp_path):
     with torch.no_grad():
         theirs = hf(x).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_export_cli_writes_and_refuses_an_unusable_folder(tiny_base, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    (tmp_path / "file").write_text("not a folder")
+    for out, message in ((tmp_path / "file", "is a file, not a folder"),
+                         (tmp_path / "file" / "sub", "cannot write there")):
+        run = subprocess.run([sys.executable, "model.py", tiny_base, str(out)], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert run.returncode == 2 and run.stderr == f"error: OUT {out}: {message}" + \
+            run.stderr.split(message)[1] and run.stderr.count("\n") == 1
+    run = subprocess.run([sys.executable, "model.py", tiny_base, str(tmp_path / "hf")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 0
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]

@@ -1,11 +1,16 @@
 """data/prepare.py: idempotent, reads user text, refuses bad input with a clear message."""
 import json
 import os
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from data import prepare
+from data.tokenizer import Tokenizer
+from tests.conftest import ROOT
 
 
 def write(path, text):
@@ -57,16 +62,97 @@ def test_missing_or_empty_input(tmp_path, setup, message):
         prepare.prepare(str(tmp_path / "out"), inputs=[str(tmp_path / "in")], quiet=True)
 
 
-def test_token_file_that_does_not_match_is_refused(small_data, tmp_path):
+def test_token_file_with_a_foreign_id_is_refused(small_data, tmp_path):
     import shutil
     bad = tmp_path / "bad"
     shutil.copytree(small_data, bad)
-    arr = np.fromfile(bad / "val.bin", dtype=np.uint16)
-    arr[:10].tofile(bad / "val.bin")  # truncated: no longer the file meta.json describes
-    with pytest.raises(ValueError, match="does not belong to this dataset"):
-        prepare.load_tokens(str(bad), "val")
     arr = np.fromfile(bad / "train.bin", dtype=np.uint16)
-    arr[5] = 60000  # an id the tokenizer does not have
+    arr[5] = 60000  # an id the tokenizer does not have; the file keeps its size
     arr.tofile(bad / "train.bin")
     with pytest.raises(ValueError, match="vocab size"):
         prepare.load_tokens(str(bad), "train")
+
+
+@pytest.mark.parametrize("damage", ["delete val.bin", "truncate train.bin", "delete tokenizer.json",
+                                    "delete meta.json"])
+def test_the_command_an_incomplete_folder_suggests_repairs_it(tmp_path, damage):
+    """The check that refuses a folder is the one that decides it is up to date, and the command
+    its error names prepares this folder again (it never says "up to date" and changes nothing)."""
+    for i in range(4):
+        write(tmp_path / "in" / f"{i}.txt", f"Document {i}. " + "The quick brown fox. " * 300)
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "in"), "--out", str(out), "--vocab-size", "300"]
+    subprocess.run([sys.executable, "-m", "data.prepare", *args], check=True, cwd=ROOT,
+                   capture_output=True)
+    meta = json.loads((out / "meta.json").read_text())
+    action, name = damage.split()
+    if action == "delete":
+        os.remove(out / name)
+    else:
+        with open(out / name, "r+b") as f:
+            f.truncate(10)
+    with pytest.raises(ValueError, match="prepare it") as e:
+        prepare.load_tokens(str(out), "train")
+    suggested = str(e.value).split("prepare it again: ")[-1].split("prepare it: ")[-1]
+    if damage == "delete meta.json":  # nothing left that says how: the user's inputs are asked for
+        assert "--input YOUR_TEXT_FILES --out " + str(out) in suggested
+        suggested = suggested.replace("YOUR_TEXT_FILES", str(tmp_path / "in")) + " --vocab-size 300"
+    else:
+        assert suggested == shlex.join(["python", "-m", "data.prepare", *args])
+    run = subprocess.run([sys.executable, *shlex.split(suggested)[1:]], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "up to date" not in run.stderr
+    train, repaired = prepare.load_tokens(str(out), "train")
+    assert repaired["data_checksum"] == meta["data_checksum"]  # the same data as before
+
+
+def test_the_same_inputs_elsewhere_give_the_same_fingerprint(tmp_path):
+    """A moved or re-cloned project: paths differ, contents do not, and neither do the
+    fingerprint and the checksum a checkpoint records."""
+    for where in ("a", "b"):
+        for i in range(3):
+            write(tmp_path / where / "in" / f"{i}.txt", f"Doc {i}. " + "Some words here. " * 200)
+        prepare.prepare(str(tmp_path / where / "out"), inputs=[str(tmp_path / where / "in")],
+                        vocab_size=300, quiet=True)
+    a, b = (json.loads((tmp_path / w / "out" / "meta.json").read_text()) for w in ("a", "b"))
+    assert a["fingerprint"] == b["fingerprint"] and a["data_checksum"] == b["data_checksum"]
+
+
+@pytest.mark.parametrize("text", ["word " * 4000, "a short file without a paragraph break.\n"])
+def test_a_single_document_is_split_never_copied(tmp_path, text):
+    write(tmp_path / "one.txt", text)
+    out = tmp_path / "out"
+    prepare.prepare(str(out), inputs=[str(tmp_path / "one.txt")], vocab_size=300, quiet=True)
+    train, meta = prepare.load_tokens(str(out), "train")
+    val, _ = prepare.load_tokens(str(out), "val")
+    tok = Tokenizer.load(out / "tokenizer.json")
+    train_text, val_text = (tok.decode([t for t in map(int, s) if t != tok.eot_id])
+                            for s in (train, val))
+    assert train_text + val_text == text  # cut in two: nothing repeated, nothing lost
+    assert 0 < len(val_text) < len(train_text)
+    assert meta["bytes_per_token"] == round(len(text.encode()) / (len(train) + len(val) - 2), 3)
+
+
+def test_a_document_too_short_to_split_is_refused(tmp_path):
+    write(tmp_path / "one.txt", "x")
+    with pytest.raises(ValueError, match="too short to hold out validation text"):
+        prepare.prepare(str(tmp_path / "out"), inputs=[str(tmp_path / "one.txt")], quiet=True)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tokenizer", "/nonexistent/tokenizer.json"], "--tokenizer /nonexistent/tokenizer.json: "
+                                                     "no such file"),
+    (["--out", "{file}"], "--out {file}: is a file, not a folder"),
+    (["--out", "{file}/sub"], "--out {file}/sub: cannot write there"),
+    (["--val-fraction", "1"], "--val-fraction 1.0: must lie between 0 and 1"),
+])
+def test_cli_mistakes_get_one_line_naming_the_flag(tmp_path, args, message):
+    write(tmp_path / "in" / "a.txt", "Some text. " * 100)
+    (tmp_path / "file").write_text("not a folder")
+    args = [x.format(file=tmp_path / "file") for x in args]
+    run = subprocess.run([sys.executable, "-m", "data.prepare", "--input", str(tmp_path / "in"),
+                          "--out", str(tmp_path / "out"), *args], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"error: {message.format(file=tmp_path / 'file')}")
+    assert run.stderr.count("\n") == 1

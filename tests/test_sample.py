@@ -44,7 +44,7 @@ def test_missing_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(tmp_path / "nope"), "--prompt", "hi"])
     assert e.value.code == 2
-    assert "no checkpoint at" in capsys.readouterr().err
+    assert f"--ckpt {tmp_path / 'nope'}: no checkpoint there" in capsys.readouterr().err
 
 
 def test_checkpoint_without_tokenizer(ckpt, tmp_path, capsys):
@@ -70,7 +70,8 @@ def test_truncated_checkpoint_file(ckpt, tmp_path, capsys):
     (broken / "ckpt.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(broken), "--prompt", "hi"])
-    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert "is not a checkpoint of this project (not a PyTorch file, or a damaged one)" in \
+        capsys.readouterr().err
 
 
 def test_malformed_tokenizer_and_foreign_checkpoint(ckpt, tmp_path, capsys):
@@ -88,3 +89,31 @@ def test_malformed_tokenizer_and_foreign_checkpoint(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(foreign), "--prompt", "hi"])
     assert "not a checkpoint of this project" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["pickle", "random"])
+def test_a_foreign_file_is_refused_without_advice_to_load_it_unsafely(tmp_path, capsys, content):
+    import collections
+    import torch
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    if content == "pickle":  # a file torch would load only with weights_only=False
+        torch.save({"model": collections.OrderedDict(a=torch.zeros(1)), "x": ValueError("boo")},
+                   foreign / "ckpt.pt")
+    else:
+        (foreign / "ckpt.pt").write_bytes(os.urandom(5000))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(foreign), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"{foreign / 'ckpt.pt'} is not a checkpoint of this project" in err
+    assert "weights_only" not in err and "False" not in err
+
+
+@pytest.mark.parametrize("device,message", [("cuda:99", "--device cuda:99: "),
+                                            ("gpu", "--device gpu: not a device")])
+def test_an_unusable_device_gets_one_line(ckpt, capsys, device, message):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", ckpt, "--prompt", "hi", "--device", device])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: " + message) and err.count("\n") == 1

@@ -1,6 +1,7 @@
 """sft.py: the loss mask really masks, the loss falls, the model learns to stop; bad input."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -134,13 +135,24 @@ def test_too_long_conversations_are_left_out(base):
     assert len(examples) == 1 and dropped == 1
 
 
+def test_an_unusable_out_dir_is_one_line(base, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--init-from", base, "--out-dir", str(tmp_path / "file"), "--device", "cpu",
+                  "--replay", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out-dir {tmp_path / 'file'}: is a file, not a folder\n"
+
+
 def test_wrong_stage_and_missing_base(tuned, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sft.main(["--init-from", tuned, "--out-dir", str(tmp_path / "x"), "--device", "cpu"])
     assert "is a 'sft' checkpoint; expected base" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sft.main(["--init-from", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "y")])
-    assert "no checkpoint at" in capsys.readouterr().err
+    assert "--init-from " + str(tmp_path / "nope") + ": no checkpoint there" in \
+        capsys.readouterr().err
 
 
 def test_resume_continues_the_same_curve(base, small_data, tmp_path):
@@ -213,3 +225,74 @@ def test_two_process_torchrun_matches_one_process(base, small_data, tmp_path):
     for one, two in zip(*logs):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
         assert two["replay_loss"] == pytest.approx(one["replay_loss"], rel=1e-4)
+
+
+def short_chat(i):
+    return {"messages": [{"role": "user", "content": f"Say {i}."},
+                         {"role": "assistant", "content": f"{i}."}]}
+
+
+@pytest.mark.parametrize("first,n_chats,why", [
+    ("long", 20, "all 1 held-out conversations are longer than the context"),
+    ("short", 1, "a single conversation leaves none to hold out"),
+])
+def test_validation_loss_is_missing_never_zero(base, tmp_path, capsys, first, n_chats, why):
+    """When no held-out conversation can be scored, val_loss is null with the counts, never a
+    perfect 0.0; and the training conversations never stand in for held-out ones."""
+    rows = [short_chat(i) for i in range(n_chats)]
+    if first == "long":  # the first 5% (here: one) are held out
+        rows[0]["messages"][0]["content"] = "word " * 400
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "sft"
+    sft.main(["--preset", "tiny", "--device", "cpu", "--init-from", base, "--data", str(path),
+              "--out-dir", str(out), "--batch-size", "1", "--micro-batch", "1", "--replay", "0",
+              "--eval-every", "1"])
+    assert f"note: val_loss is not measured: {why}" in capsys.readouterr().err
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["val_loss"] is None and ev["val_conversations"] == 0
+    assert ev["val_left_out_too_long"] == (1 if first == "long" else 0)
+    assert all(r["val_loss"] is None for r in map(json.loads, open(out / "log.jsonl")))
+
+
+def test_a_moved_run_resumes_with_its_paths_given_again(base, small_data, tmp_path, capsys):
+    """Stored paths survive a move: the bundled world is never stored as a path, and a user's
+    path that moved is asked for by its flag, then checked to be the same data."""
+    args = ["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--eval-every", "4",
+            "--replay", "4", "--batch-size", "4", "--micro-batch", "4"]
+    old = tmp_path / "old"
+    shutil.copytree(small_data, old / "replay")
+    (old / "chats.jsonl").write_text("".join(json.dumps(short_chat(i)) + "\n" for i in range(40)))
+    sft.main(args + ["--init-from", base, "--replay-data", str(old / "replay"), "--data",
+                     str(old / "chats.jsonl"), "--out-dir", str(old / "sft"), "--stop-at", "4"])
+    shutil.move(old, tmp_path / "new")
+    new = tmp_path / "new"
+    with pytest.raises(SystemExit):
+        sft.main(args + ["--out-dir", str(new / "sft"), "--resume"])
+    assert f"--data {old / 'chats.jsonl'}: not found; the run in" in capsys.readouterr().err
+    sft.main(args + ["--out-dir", str(new / "sft"), "--resume", "--data", str(new / "chats.jsonl"),
+                     "--replay-data", str(new / "replay")])
+    assert json.loads((new / "sft" / "eval.json").read_text())["steps"] > 4
+    with pytest.raises(SystemExit):  # another replay corpus is refused, whatever its path
+        sft.main(args + ["--out-dir", str(new / "sft"), "--resume", "--data",
+                         str(new / "chats.jsonl"), "--replay-data", str(tmp_path / "other")])
+
+
+def test_the_bundled_defaults_are_stored_as_defaults_not_as_paths(base, tmp_path):
+    from tests.conftest import ROOT
+    sft.main(["--preset", "tiny", "--device", "cpu", "--init-from", base, "--out-dir",
+              str(tmp_path), "--no-behaviour-eval", "--replay", "0", "--stop-at", "1"])
+    config = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
+    assert config["data"] is None and config["replay_data"] is None
+    assert not any(ROOT in str(v) for v in config.values())  # nothing breaks when it moves
+
+
+def test_grad_clip_zero_means_no_clipping(base, small_data, tmp_path):
+    logs = {}
+    for clip in ("0", "1e9", "0.01"):
+        out = tmp_path / clip
+        sft.main(["--preset", "tiny", "--device", "cpu", "--init-from", base, "--out-dir",
+                  str(out), "--no-behaviour-eval", "--replay", "0", "--stop-at", "3",
+                  "--grad-clip", clip])
+        logs[clip] = [r["loss"] for r in map(json.loads, open(out / "log.jsonl"))]
+    assert logs["0"] == logs["1e9"] != logs["0.01"]
