@@ -117,10 +117,21 @@ def main():
     try:  # mistakes are one line, before the benchmarks, never a traceback after them
         device = pick_device(a.device)
         dtype = pick_dtype(a.dtype, device)
+        if a.out and os.path.isdir(a.out):
+            raise UserError(f"--out {a.out}: a folder; name the JSON file to write")
         if a.out:
             writable_dir(os.path.dirname(os.path.abspath(a.out)), "--out")
     except UserError as e:
         die(str(e))
+    try:
+        run_benchmarks(a, device, dtype)
+    except KeyboardInterrupt:
+        sys.exit("stopped: interrupted")
+    except OSError as e:  # writing --out on a full disk, say
+        sys.exit(f"stopped: {e.filename or a.out}: {e.strerror or e}")
+
+
+def run_benchmarks(a, device, dtype):
     preset = a.preset if a.preset != "auto" else ("gpu" if device.startswith("cuda") else "cpu")
     c = pretrain.PRESETS[preset]
     cfg = GPTConfig(vocab_size=4096, **{k: c[k] for k in pretrain.MODEL_FIELDS})

@@ -14,6 +14,7 @@ import pickle
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -99,7 +100,8 @@ def launch(run, a):
     input (exit 2), or Ctrl-C, a non-finite loss or a failed write (exit 1, naming what was
     saved). The process group is always closed."""
     try:
-        writable_dir(a.out_dir, "--out-dir")  # before any work, not after it
+        if not a.resume or os.path.isdir(a.out_dir):  # before any work, not after it
+            writable_dir(a.out_dir, "--out-dir")
         rank, world_size, device = setup_distributed(a.device)
         run(a, rank, world_size, device, rank == 0)
     except UserError as e:
@@ -128,18 +130,21 @@ def stop_run(e, out_dir):
     if isinstance(e, KeyboardInterrupt):
         why = "interrupted"
     elif isinstance(e, OSError):
-        why = f"{e.filename or 'a file'}: {e.strerror or e}"
+        why = f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
     else:
         why = str(e)
-    sys.exit(f"stopped: {why}. {saved_state(out_dir)}")
+    print(f"stopped: {why}. {saved_state(out_dir, e)}", file=sys.stderr)
+    sys.exit(1)
 
 
-def saved_state(out_dir):
+def saved_state(out_dir, e):
     ckpt = os.path.join(out_dir, CKPT_FILE)
-    if os.path.exists(ckpt):
-        return f"The last good checkpoint is intact: {ckpt} (--resume continues from it)"
-    return (f"No checkpoint was saved in {out_dir} yet: there is nothing to resume, and the same "
-            "command starts over")
+    if not os.path.exists(ckpt):
+        return (f"No checkpoint was saved in {out_dir} yet: there is nothing to resume, and the "
+                "same command starts over")
+    how = ("; the same settings diverge the same way: add a lower --lr, say"
+           if isinstance(e, FloatingPointError) else "")
+    return f"The last good checkpoint is intact: {ckpt} (--resume continues from it{how})"
 
 
 def maybe_compile(model, enabled, example):
@@ -175,6 +180,15 @@ def lr_at(step, lr, warmup, steps):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@torch.no_grad()
+def check_weights(model, x, step):
+    """Before a checkpoint: the loss checked each step was computed before the update, so make
+    sure the updated weights still give finite logits on `x`, or the checkpoint would be bad."""
+    logits, _ = model(x)
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError(f"the weights after step {step} give non-finite logits")
+
+
 def positive(kind):
     """argparse type: a finite number > 0."""
     def parse(text):
@@ -193,6 +207,14 @@ def nonnegative(kind):
             raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
         return value
     return parse
+
+
+def seed_arg(text):
+    """argparse type: a seed torch accepts, with room for the offsets the stages add to it."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in 0 .. 2**32 - 1, got {text}")
+    return value
 
 
 # bf16 dense tensor-core peak FLOP/s per GPU, for MFU. Matched by substring of the device name.
@@ -257,14 +279,23 @@ def save_checkpoint(out_dir, stage, model, tokenizer, **state):
     atomic_write(os.path.join(out_dir, CKPT_FILE), write)
 
 
-def prepare_out_dir(out_dir, tokenizer, resume, write=True):
-    """A fresh run never overwrites a checkpoint (that takes --resume, or deleting it) and
-    starts with an empty log; the tokenizer is written next to where the weights will be.
-    Every process checks, only one (write=True) writes."""
+def check_out_dir(out_dir, resume, source=None):
+    """A fresh run never overwrites a checkpoint (that takes --resume, or deleting it), nor
+    writes into the folder of the model it starts from (source: its --init-from)."""
+    if resume:
+        return
+    if source and os.path.realpath(source) == os.path.realpath(out_dir):
+        raise UserError(f"--out-dir {out_dir}: the --init-from folder; the new model goes to a "
+                        "folder of its own (choose another --out-dir)")
     ckpt = os.path.join(out_dir, CKPT_FILE)
-    if not resume and os.path.exists(ckpt):
+    if os.path.exists(ckpt):
         raise UserError(f"{ckpt} exists: pass --resume to continue that run, or choose another "
                         "--out-dir (or delete it) to start a new one")
+
+
+def prepare_out_dir(out_dir, tokenizer, resume, write=True):
+    """A fresh run starts with an empty log, and the tokenizer is written next to where the
+    weights will be (by one process: write=True)."""
     if write and not resume:
         for stale in ("log.jsonl", "eval.json"):
             if os.path.exists(os.path.join(out_dir, stale)):
@@ -276,6 +307,8 @@ def load_checkpoint(ckpt_dir, stages=None, device="cpu", flag="--ckpt"):
     """Returns (model, tokenizer, ckpt dict). Clear errors, naming `flag`, for a missing
     checkpoint, a file that is not one, a checkpoint of the wrong stage, or a tokenizer that is
     missing or does not match the weights. flag="--resume" reads out_dir of the run to continue."""
+    if os.path.basename(ckpt_dir) == CKPT_FILE and os.path.isfile(ckpt_dir):
+        ckpt_dir = os.path.dirname(ckpt_dir)  # the file was named instead of its folder
     path = os.path.join(ckpt_dir, CKPT_FILE)
     if not os.path.isfile(path):
         if flag == "--resume":
@@ -283,10 +316,20 @@ def load_checkpoint(ckpt_dir, stages=None, device="cpu", flag="--ckpt"):
                             "or start the run without --resume)")
         raise UserError(f"{flag} {ckpt_dir}: no checkpoint there ({CKPT_FILE} is missing)")
     try:  # on the CPU first: RNG states must stay there, the weights move below
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: not for users
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
     except Exception as e:  # noqa: BLE001 - torch's own advice here would be to load unsafely
-        why = ("it holds Python objects that are not tensors, and is never unpickled"
-               if isinstance(e, pickle.UnpicklingError) else "not a PyTorch file, or a damaged one")
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # what torch.save writes
+        if not is_zip:
+            why = "not a PyTorch file: a Git LFS pointer or a download error page, perhaps"
+        elif isinstance(e, pickle.UnpicklingError):
+            why = "it holds Python objects that are not tensors, and is never unpickled"
+        else:
+            why = "a damaged PyTorch file, cut short perhaps"
         raise UserError(f"{path} is not a checkpoint of this project ({why})") from None
     if not isinstance(ckpt, dict) or not {"stage", "model", "model_config"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint of this project (no stage/model/model_config)")

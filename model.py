@@ -32,6 +32,9 @@ class GPTConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
+        if self.block_size < 2:
+            raise ValueError(f"block_size {self.block_size}: a context holds at least a prompt "
+                             "token and a generated one")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -282,6 +285,7 @@ def export_hf(model: GPT, out_dir: str):
 
 if __name__ == "__main__":
     import argparse
+    import sys
     p = argparse.ArgumentParser(description="Export a checkpoint's weights to Hugging Face format: "
                                 "model.safetensors + config.json, loadable by LlamaForCausalLM. "
                                 "(The tokenizer stays this project's: encode with data/tokenizer.py.)")
@@ -295,8 +299,7 @@ if __name__ == "__main__":
         export_hf(model, a.out)
     except UserError as e:
         die(str(e))
-    except OSError as e:  # the disk filled up, say: nothing but the export is touched
-        die(f"cannot write the export to {a.out} ({e.strerror or e}); it is incomplete")
-    except KeyboardInterrupt:
-        die(f"interrupted: {a.out} may hold an incomplete export")
+    except (OSError, KeyboardInterrupt) as e:  # a full disk, say: only the export is touched
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else e.strerror or str(e)
+        sys.exit(f"stopped: {why}; the export in {a.out} is incomplete")
     print(f"wrote {a.out}/model.safetensors and {a.out}/config.json")

@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (SAVE_EVERY_SECONDS, TOKENIZER_FILE, UserError, MetricsLog, autocast, launch,
-                    load_checkpoint, lr_at, make_optimizer, nonnegative, peak_flops, pick_dtype,
-                    positive, prepare_out_dir, save_checkpoint, wrap_model, write_json)
+from common import (SAVE_EVERY_SECONDS, TOKENIZER_FILE, UserError, MetricsLog, autocast,
+                    check_out_dir, check_weights, launch, load_checkpoint, lr_at,
+                    make_optimizer, nonnegative, peak_flops, pick_dtype, positive,
+                    prepare_out_dir, save_checkpoint, seed_arg, wrap_model, write_json)
 from data import prepare, world
 from data.tokenizer import Tokenizer
 from model import GPT, GPTConfig
@@ -45,7 +46,7 @@ PRESETS = {
     "gpu": dict(n_layer=8, n_head=8, n_kv_head=8, n_embd=512, block_size=512, batch_size=128,
                 micro_batch=64, steps=3000, lr=1.5e-3, warmup=200, eval_every=500, eval_iters=20),
 }
-CONFIG_KEYS = set(PRESETS["cpu"]) | {"seed", "weight_decay", "grad_clip"}
+CONFIG_KEYS = set(PRESETS["cpu"]) | {"seed", "weight_decay", "grad_clip", "data"}
 
 
 def parse_args(argv=None):
@@ -54,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
                    help="size of model and run; auto = gpu on CUDA, else cpu. Any field below "
                         "overrides the preset's value")
-    p.add_argument("--data", default=prepare.DEFAULT_OUT,
-                   help="prepared token folder (default: the bundled world, prepared on first use)")
+    p.add_argument("--data", help="prepared token folder (default: the bundled world, prepared "
+                   "on first use; on --resume, the run's own)")
     p.add_argument("--out-dir", default="out/base", help="checkpoint folder (default: out/base)")
     p.add_argument("--init-from", metavar="DIR",
                    help="start from this checkpoint's weights (continued pretraining)")
@@ -64,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (fail-soft)")
-    p.add_argument("--seed", type=int, default=None, help="init and data order (default 1337)")
+    p.add_argument("--seed", type=seed_arg, default=None,
+                   help="init and data order (default 1337)")
     g = p.add_argument_group("model (defaults from the preset)")
     for f in MODEL_FIELDS:
         g.add_argument("--" + f.replace("_", "-"), type=positive(int))
@@ -95,6 +97,12 @@ def resolve_config(a, saved=None):
     config is the base instead, and the model's shape cannot change."""
     given = {k: v for k, v in vars(a).items() if v is not None and k in CONFIG_KEYS}
     if saved is not None:
+        if a.preset not in ("auto", saved["preset"]):
+            raise UserError(f"--preset {a.preset}: the run being resumed is a '{saved['preset']}' "
+                            "run; a resumed run keeps its settings (drop --preset)")
+        if "data" not in given and saved["data"] and not os.path.exists(saved["data"]):
+            raise UserError(f"--data {saved['data']}: not found; the run being resumed needs it: "
+                            "pass --data with where it is now")
         for k in MODEL_FIELDS:
             if k in given and given[k] != saved[k]:
                 raise UserError(f"--{k.replace('_', '-')} {given[k]} differs from the checkpoint "
@@ -102,7 +110,7 @@ def resolve_config(a, saved=None):
         return {**saved, **given}
     preset = a.preset if a.preset != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     return {**PRESETS[preset], "preset": preset, "seed": 1337, "weight_decay": 0.1,
-            "grad_clip": 1.0, **given}
+            "grad_clip": 1.0, "data": None, **given}  # data None: the bundled world
 
 
 
@@ -143,19 +151,20 @@ def evaluate_base(model, tok, device, seed=0, n_zero_shot=100, batch_size=64):
             out += [tok.decode([t for t in r if t != tok.eot_id]) for r in rows]
         return out
 
-    questions = world.zero_shot_questions()[:n_zero_shot]
-    conts = complete([q + "\n" for q in questions], 24, temperature=1.0)
-    result = {"zero_shot_question_rate": sum(map(world.is_question, conts)) / len(conts),
-              "zero_shot_examples": [q + "\n" + c for q, c in zip(questions[:3], conts[:3])]}
-    def fits(text, new):
+    def fits(text, new):  # a short context skips the prompts it cannot hold
         return 1 + len(tok.encode(text)) + new <= model.config.block_size
 
+    questions = [q for q in world.zero_shot_questions()[:n_zero_shot] if fits(q + "\n", 24)]
+    conts = complete([q + "\n" for q in questions], 24, temperature=1.0)
+    result = {"zero_shot_question_rate": (sum(map(world.is_question, conts)) / len(conts)
+                                          if conts else None), "zero_shot_n": len(conts),
+              "zero_shot_examples": [q + "\n" + c for q, c in zip(questions[:3], conts[:3])]}
     for kind in ("capital", "symbol"):
         items, prompts = world.fewshot_items(kind), []
         for j, (q, _) in enumerate(items):  # 3 fixed examples that are not the question itself
             shots = [items[(j + k * 7 + 1) % len(items)] for k in range(3)]
             prompts.append(world.fewshot_prompt(shots, q))
-        keep = [i for i, p in enumerate(prompts) if fits(p, 12)]  # a short context skips some
+        keep = [i for i, p in enumerate(prompts) if fits(p, 12)]
         answers = complete([prompts[i] for i in keep], 12, temperature=0)
         hits = [world.fewshot_answer(c) == items[i][1] for i, c in zip(keep, answers)]
         result[f"fewshot_{kind}_accuracy"] = sum(hits) / len(hits) if hits else None
@@ -168,51 +177,63 @@ def main(argv=None):
     launch(run, parse_args(argv))
 
 
-def run(a, rank, world_size, device, master):
-    # --- data: the bundled world is prepared on first use
-    if a.data == prepare.DEFAULT_OUT and master:
-        prepare.prepare(a.data)
+def load_data(data, world_size, master):
+    """(folder, train tokens, val tokens, meta.json, tokenizer) of a prepared folder; None is the
+    bundled world, prepared (or brought up to date) on first use."""
+    folder = data or prepare.DEFAULT_OUT
+    if data is None and master:
+        prepare.refresh(folder)
     if world_size > 1:
         dist.barrier()
     try:  # load_tokens checks the folder against its meta.json, tokenizer included
-        train_data, meta = prepare.load_tokens(a.data, "train")
-        val_data, _ = prepare.load_tokens(a.data, "val")
-        tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
+        train_data, meta = prepare.load_tokens(folder, "train")
+        val_data, _ = prepare.load_tokens(folder, "val")
+        tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
     except ValueError as e:
         raise UserError(str(e)) from e
+    return folder, train_data, val_data, meta, tok
 
-    # --- model: fresh, from another checkpoint, or resumed
+
+def run(a, rank, world_size, device, master):
+    # --- settings (preset and flags, or the run being resumed), then the data
     ckpt = None
     if a.resume:
         model, ckpt_tok, ckpt = load_checkpoint(a.out_dir, ["base"], device, flag="--resume")
         c = resolve_config(a, ckpt["config"])
     else:
         c = resolve_config(a)
-        if a.init_from:
-            model, ckpt_tok, _ = load_checkpoint(a.init_from, ["base"], device, "--init-from")
-            for k in MODEL_FIELDS:
-                if getattr(a, k) is not None and getattr(a, k) != getattr(model.config, k):
-                    raise UserError(f"--{k.replace('_', '-')} {getattr(a, k)} differs from "
-                                    f"{a.init_from} ({getattr(model.config, k)})")
-            c.update({k: getattr(model.config, k) for k in MODEL_FIELDS})
-        else:
-            try:
-                config = GPTConfig(vocab_size=tok.n_vocab, **{k: c[k] for k in MODEL_FIELDS})
-            except ValueError as e:
-                raise UserError(f"model shape: {e} (--n-embd, --n-head, --n-kv-head)") from None
-            torch.manual_seed(c["seed"])
-            ckpt_tok = tok
-            model = GPT(config).to(device)
-    if ckpt_tok.checksum != tok.checksum:
-        own = os.path.join(a.init_from or a.out_dir, TOKENIZER_FILE)
-        again = (prepare.command(a.data, **{**meta["arguments"], "tokenizer": own})
-                 if meta["arguments"]["inputs"] else
-                 f"python -m data.prepare --tokenizer {own} --out NEW_DIR, then --data NEW_DIR")
-        raise UserError(f"{a.data} was tokenized with another tokenizer than the checkpoint's; "
-                        f"prepare it with the checkpoint's: {again}")
+        check_out_dir(a.out_dir, resume=False, source=a.init_from)
+    folder, train_data, val_data, meta, tok = load_data(c["data"], world_size, master)
     if ckpt is not None and ckpt["data_checksum"] != meta["data_checksum"]:
-        raise UserError(f"{a.data} is not the data the run in {a.out_dir} was trained on; resume "
-                        "with the same --data (or start a new run)")
+        raise UserError(f"{folder} does not hold the tokens the run in {a.out_dir} was trained "
+                        f"on ({ckpt['config']['data'] or 'the bundled world'}, as prepared then); "
+                        "pass that data as --data, or start a new run")
+
+    # --- model: fresh, from another checkpoint, or resumed
+    if ckpt is None and a.init_from:
+        model, ckpt_tok, _ = load_checkpoint(a.init_from, ["base"], device, "--init-from")
+        for k in MODEL_FIELDS:
+            if getattr(a, k) is not None and getattr(a, k) != getattr(model.config, k):
+                raise UserError(f"--{k.replace('_', '-')} {getattr(a, k)} differs from "
+                                f"{a.init_from} ({getattr(model.config, k)})")
+        c.update({k: getattr(model.config, k) for k in MODEL_FIELDS})
+    elif ckpt is None:
+        try:
+            config = GPTConfig(vocab_size=tok.n_vocab, **{k: c[k] for k in MODEL_FIELDS})
+        except ValueError as e:
+            raise UserError(f"model shape: {e} (--n-embd, --n-head, --n-kv-head, "
+                            "--block-size)") from None
+        torch.manual_seed(c["seed"])
+        ckpt_tok = tok
+        model = GPT(config).to(device)
+    if ckpt_tok.checksum != tok.checksum:  # a model (--init-from) with another tokenizer
+        source = a.init_from or a.out_dir
+        new_dir = f"{folder.rstrip('/')}-{os.path.basename(os.path.normpath(source))}"
+        again = prepare.command(new_dir, **{**meta["arguments"], "tokenizer": os.path.join(
+            source, TOKENIZER_FILE)})
+        raise UserError(f"{folder} was tokenized with another tokenizer than {source}'s; "
+                        f"prepare its text with that one into a new folder, then pass --data "
+                        f"{new_dir}: {again}")
     prepare_out_dir(a.out_dir, tok, resume=ckpt is not None, write=master)
     if a.micro_batch is None:  # the preset's micro-batch, split over the processes
         c["micro_batch"] = max(1, min(c["micro_batch"], c["batch_size"] // world_size))
@@ -222,10 +243,11 @@ def run(a, rank, world_size, device, master):
                         f"processes = {per_step}")
     accum = c["batch_size"] // per_step
     T = c["block_size"]
-    if len(train_data) <= T + 1 or len(val_data) <= T + 1:
-        raise UserError(f"{a.data}: too little data ({len(train_data)} train / {len(val_data)} "
-                        f"val tokens) for a context of {T} (more text, a larger --val-fraction "
-                        "when preparing, or a smaller --block-size)")
+    for name, tokens, remedy in (("training", train_data, "more text"), ("validation", val_data,
+                                                                       "a larger --val-fraction")):
+        if len(tokens) <= T + 1:
+            raise UserError(f"{folder}: {len(tokens)} {name} tokens are too few for a context of "
+                            f"{T} ({remedy}, or a smaller --block-size)")
 
     dtype = pick_dtype(a.dtype, device)
     dev_type = device.split(":")[0]
@@ -304,6 +326,7 @@ def run(a, rank, world_size, device, master):
                 last_val = stats["val_loss"]
             log.write(**stats)  # before the checkpoint: a resume never lacks a logged step
             if "val_loss" in stats or time.time() - last_save > SAVE_EVERY_SECONDS:
+                check_weights(raw, x, step)
                 checkpoint(last_val)
                 last_save = time.time()
             bar.update(1)

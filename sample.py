@@ -17,9 +17,11 @@ token. Sampling uses the KV cache; --seed makes it repeatable; --temperature 0 i
 """
 import argparse
 import codecs
+import math
+import os
 import sys
 
-from common import UserError, autocast, die, load_checkpoint, pick_device, pick_dtype
+from common import UserError, autocast, die, load_checkpoint, pick_device, pick_dtype, seed_arg
 from data import chats
 
 
@@ -41,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=None, help="repeatable sampling")
+    p.add_argument("--seed", type=seed_arg, default=None, help="repeatable sampling")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     return p.parse_args(argv)
@@ -52,7 +54,8 @@ class Sampler:
         self.a, self.name = a, ckpt_dir
         self.device = pick_device(a.device)
         self.dtype = pick_dtype(a.dtype, self.device)
-        self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, device=self.device)
+        self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, device=self.device,
+                                                     flag="--compare" if a.compare else "--ckpt")
         self.model.eval()
         self.stage = ckpt["stage"]
         self.chat = self.stage != "base"
@@ -128,7 +131,7 @@ def main(argv=None):
     try:
         if a.max_new_tokens < 1 or a.num_samples < 1 or (a.top_k is not None and a.top_k < 1):
             raise UserError("--max-new-tokens, --num-samples and --top-k must be at least 1")
-        if a.temperature < 0 or (a.top_p is not None and not 0 < a.top_p <= 1):
+        if not 0 <= a.temperature < math.inf or (a.top_p is not None and not 0 < a.top_p <= 1):
             raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
         if a.interactive and a.compare:
             raise UserError("--interactive talks to one checkpoint: use --ckpt, not --compare")
@@ -161,7 +164,10 @@ def main(argv=None):
     except UserError as e:
         die(str(e))
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        sys.exit("\nstopped: interrupted")
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (SAVE_EVERY_SECONDS, UserError, MetricsLog, autocast, launch,
-                    load_checkpoint, lr_at, make_optimizer, nonnegative, pick_dtype, positive,
-                    prepare_out_dir, save_checkpoint, wrap_model, write_json)
+from common import (SAVE_EVERY_SECONDS, TOKENIZER_FILE, UserError, MetricsLog, autocast,
+                    check_out_dir, check_weights, launch, load_checkpoint, lr_at,
+                    make_optimizer, nonnegative, pick_dtype, positive, prepare_out_dir,
+                    save_checkpoint, seed_arg, wrap_model, write_json)
 from data import chats, prepare, teacher, world
-from data.tokenizer import check_chat
+from data.tokenizer import Tokenizer, check_chat
 from pretrain import batch as lm_batch
 
 PRESETS = {  # replay: pretraining sequences mixed into every step (see the module docstring)
@@ -69,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (fail-soft)")
-    p.add_argument("--seed", type=int, default=None, help="data order (default 1337)")
+    p.add_argument("--seed", type=seed_arg, default=None, help="data order (default 1337)")
     g = p.add_argument_group("optimisation (defaults from the preset)")
     g.add_argument("--epochs", type=positive(int), help="passes over the training chats")
     g.add_argument("--batch-size", type=positive(int), help="conversations per step, all processes")
@@ -96,42 +97,43 @@ def parse_args(argv=None):
 def read_jsonl(path):
     """Chats from a JSONL file, one per line: {"messages": [...]} or Alpaca-style
     {"instruction", "input" (optional), "output"}. Errors name the file, line and field."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: " + ("a folder, not a JSONL file" if os.path.isdir(path)
-                                       else "no such file"))
+    try:
+        with open(path, "rb") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
     out = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{where}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-            if isinstance(row, dict) and "messages" in row:
-                chat = row["messages"]
-            elif isinstance(row, dict) and "instruction" in row:
-                for field in ("instruction", "output"):
-                    if not isinstance(row.get(field), str) or not row[field].strip():
-                        raise UserError(f"{where}: field '{field}' missing, empty or not a string")
-                if not isinstance(row.get("input", ""), str):
-                    raise UserError(f"{where}: field 'input' must be a string")
-                prompt = "\n\n".join(t for t in (row["instruction"], row.get("input", "")) if t)
-                chat = [{"role": "user", "content": prompt},
-                        {"role": "assistant", "content": row["output"]}]
-            else:
-                raise UserError(f"{where}: expected a 'messages' field (chat) or 'instruction' "
-                                "and 'output' fields (Alpaca)")
-            try:
-                check_chat(chat)
-            except ValueError as e:
-                raise UserError(f"{where}: field 'messages': {e}") from None
-            out.append(chat)
+    for n, raw in enumerate(lines, 1):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{where}: not UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        if isinstance(row, dict) and "messages" in row:
+            chat = row["messages"]
+        elif isinstance(row, dict) and "instruction" in row:
+            for field in ("instruction", "output"):
+                if not isinstance(row.get(field), str) or not row[field].strip():
+                    raise UserError(f"{where}: field '{field}' missing, empty or not a string")
+            if not isinstance(row.get("input", ""), str):
+                raise UserError(f"{where}: field 'input' must be a string")
+            prompt = "\n\n".join(t for t in (row["instruction"], row.get("input", "")) if t)
+            chat = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": row["output"]}]
+        else:
+            raise UserError(f"{where}: expected a 'messages' field (chat) or 'instruction' "
+                            "and 'output' fields (Alpaca)")
+        try:
+            check_chat(chat)
+        except ValueError as e:
+            raise UserError(f"{where}: field 'messages': {e}") from None
+        out.append(chat)
     if not out:
         raise UserError(f"{path}: no conversations")
     return out
@@ -261,7 +263,7 @@ def load_replay(c, tok, T, world_size, master):
         return None, None
     path = c["replay_data"] or prepare.DEFAULT_OUT
     if not c["replay_data"] and master:
-        prepare.prepare(path)  # the bundled world, prepared on first use
+        prepare.refresh(path)  # the bundled world, prepared on first use
     if world_size > 1:
         dist.barrier()
     try:
@@ -276,17 +278,39 @@ def load_replay(c, tok, T, world_size, master):
     return replay, meta["data_checksum"]
 
 
-def check_paths_of_resumed_run(c, a):
-    """A path the run recorded that is gone (the project moved) is asked for by its flag."""
+def check_resumed_run(c, a, tok):
+    """Settings come from the run being resumed, and a path it recorded that is gone (the project
+    moved) is asked for by its flag."""
+    if a.preset not in ("auto", c["preset"]):
+        raise UserError(f"--preset {a.preset}: the run being resumed is a '{c['preset']}' run; a "
+                        "resumed run keeps its settings (drop --preset)")
     needed = [("--data", c["data"])]
     if c["replay"]:
         needed.append(("--replay-data", c["replay_data"]))  # None: the bundled world
-    if not c["data"] and not a.no_behaviour_eval:  # the final evaluation compares with the base
+    if needs_base_eval(c, a):  # the final evaluation compares with the base model
         needed.append(("--init-from", c["init_from"]))
     for flag, path in needed:
         if path and not os.path.exists(path):
             raise UserError(f"{flag} {path}: not found; the run in {a.out_dir} needs it: pass "
                             f"{flag} with where it is now")
+    base_tok = os.path.join(c["init_from"], TOKENIZER_FILE)
+    if needs_base_eval(c, a) and Tokenizer.load(base_tok).checksum != tok.checksum:
+        raise UserError(f"--init-from {c['init_from']}: not the base model this run started from "
+                        "(another tokenizer)")
+
+
+def needs_base_eval(c, a):
+    return not c["data"] and not a.no_behaviour_eval
+
+
+def check_eval_fits(tok, block_size):
+    """Fail before training, not after it, if the evaluation prompts cannot fit the context."""
+    items = chats.eval_prompts("heldout")
+    longest = max(max(len(tok.render_chat(it["messages"], for_completion=True)[0]),
+                      1 + len(tok.encode(chats.plain_prompt(it["messages"])))) for it in items)
+    if longest >= block_size:
+        raise UserError(f"the evaluation prompts need a context of more than {longest} tokens; "
+                        f"the model's is {block_size} (--no-behaviour-eval skips them)")
 
 
 def main(argv=None):
@@ -299,13 +323,18 @@ def run(a, rank, world_size, device, master):
     if a.resume:  # paths come from the run's config, unless given again (the project moved)
         model, tok, ckpt = load_checkpoint(a.out_dir, ["sft"], device, flag="--resume")
         c = {**ckpt["config"], **given}
-        check_paths_of_resumed_run(c, a)
+        check_resumed_run(c, a, tok)
     else:
         preset = a.preset if a.preset != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
         c = {**PRESETS[preset], "preset": preset, "seed": 1337, "weight_decay": 0.0,
              "grad_clip": 1.0, "init_from": "out/base", "data": None, "replay_data": None,
              **given}  # replay_data None: the bundled world, wherever the project is
+        check_out_dir(a.out_dir, resume=False, source=c["init_from"])
         model, tok, _ = load_checkpoint(c["init_from"], ["base"], device, flag="--init-from")
+    if given.get("replay_data") and not c["replay"]:
+        raise UserError("--replay-data is read only with --replay above 0")
+    if needs_base_eval(c, a):
+        check_eval_fits(tok, model.config.block_size)
     convs = read_jsonl(c["data"]) if c["data"] else chats.sft_chats()
     chats_checksum = hashlib.sha256(json.dumps(convs, sort_keys=True).encode()).hexdigest()
     if ckpt is not None and ckpt.get("chats_checksum") != chats_checksum:
@@ -335,9 +364,10 @@ def run(a, rank, world_size, device, master):
         raise UserError(f"--replay {c['replay']} must be a multiple of accumulation steps x "
                         f"processes = {accum * world_size}")
     replay, replay_checksum = load_replay(c, tok, T, world_size, master)
-    if ckpt is not None and replay is not None and ckpt.get("replay_checksum") != replay_checksum:
-        raise UserError(f"--replay-data {c['replay_data'] or 'default'} is not the data the run in "
-                        f"{a.out_dir} replayed; pass the same --replay-data, or start a new run")
+    replayed = ckpt.get("replay_checksum") if ckpt is not None else None
+    if replayed and replay_checksum and replayed != replay_checksum:
+        raise UserError(f"--replay-data {c['replay_data'] or '(the bundled world)'} is not the "
+                        f"data the run in {a.out_dir} replayed; pass that data, or start a new run")
     steps = c["epochs"] * (len(train) // c["batch_size"])
     prepare_out_dir(a.out_dir, tok, resume=ckpt is not None, write=master)
 
@@ -409,11 +439,13 @@ def run(a, rank, world_size, device, master):
                     raise FloatingPointError(f"held-out loss is {held_out} at step {step}")
                 last_val = stats["val_loss"] = None if held_out is None else round(held_out, 4)
             log.write(**stats)  # before the checkpoint: a resume never lacks a logged step
-            if (evaluate or time.time() - last_save > SAVE_EVERY_SECONDS) and master:
-                save_checkpoint(a.out_dir, "sft", raw, tok, config=c, step=step,
-                                val_loss=last_val, optimizer=opt.state_dict(),
-                                scaler=scaler.state_dict(), chats_checksum=chats_checksum,
-                                replay_checksum=replay_checksum)
+            if evaluate or time.time() - last_save > SAVE_EVERY_SECONDS:
+                check_weights(raw, x, step)
+                if master:
+                    save_checkpoint(a.out_dir, "sft", raw, tok, config=c, step=step,
+                                    val_loss=last_val, optimizer=opt.state_dict(),
+                                    scaler=scaler.state_dict(), chats_checksum=chats_checksum,
+                                    replay_checksum=replay_checksum)
                 last_save = time.time()
             bar.update(1)
             bar.set_postfix({k: stats[k] for k in ("loss", "replay_loss", "val_loss")
@@ -423,7 +455,7 @@ def run(a, rank, world_size, device, master):
     result = {"stage": "sft", "preset": c["preset"], "steps": step, "val_loss": last_val,
               "val_conversations": len(val), "val_left_out_too_long": val_dropped,
               "train_conversations": len(train), "device": device}
-    if not c["data"] and not a.no_behaviour_eval:
+    if needs_base_eval(c, a):
         t0 = time.time()
         items = chats.eval_prompts("heldout")
         result["heldout"] = evaluate_chat(raw, tok, items)

@@ -32,7 +32,9 @@ DEFAULTS = dict(vocab_size=4096, seed=0, val_fraction=0.02, world_copies=None)  
 
 
 def read_text_files(paths):
-    """One document per .txt file (directories are searched recursively, in sorted order)."""
+    """One document per .txt file (directories are searched recursively, in sorted order). A
+    file named twice, or two files with the same text, count once: a copy could otherwise land
+    on both sides of the train/validation split."""
     files = []
     for p in paths:
         if os.path.isdir(p):
@@ -44,9 +46,13 @@ def read_text_files(paths):
             raise ValueError(f"{p}: no such file or directory")
     if not files:
         raise ValueError(f"no .txt files found in {' '.join(paths)}")
-    docs = []
+    docs, seen = [], set()
     for f in files:
-        raw = open(f, "rb").read()
+        with open(f, "rb") as fh:
+            raw = fh.read()
+        if raw in seen:
+            continue
+        seen.add(raw)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -86,19 +92,20 @@ def cut_long(text, size):
 
 
 def split(docs, val_fraction):
-    """(train, val) documents: whole documents are held out, but at least one stays for
-    training. A single document is cut in two, its end held out: validation text is never
-    training text."""
-    if len(docs) > 1:
-        n_val = min(max(1, round(len(docs) * val_fraction)), len(docs) - 1)
+    """(train, val) documents. Whole documents are held out where there are enough of them;
+    otherwise (a single file, say) the end of the longest is, about val_fraction of all the text.
+    Validation text is never training text."""
+    n_val = min(round(len(docs) * val_fraction), len(docs) - 1)
+    if n_val >= 1:
         return docs[n_val:], docs[:n_val]
-    doc = docs[0]
-    at = int(len(doc) * (1 - val_fraction))
-    at = max(doc.rfind(" ", 0, at), doc.rfind("\n", 0, at)) + 1 or at
-    if not doc[:at].strip() or not doc[at:].strip():
-        raise ValueError(f"a single document of {len(doc)} characters is too short to hold out "
-                         "validation text: give more text, or several files")
-    return [doc[:at]], [doc[at:]]
+    i = max(range(len(docs)), key=lambda j: len(docs[j]))
+    doc = docs[i]
+    at = int(len(doc) - val_fraction * sum(map(len, docs)))
+    at = max(doc.rfind(" ", 0, at), doc.rfind("\n", 0, at)) + 1 or at  # at a word boundary
+    if at <= 0 or not doc[:at].strip() or not doc[at:].strip():
+        raise ValueError(f"{sum(map(len, docs))} characters of text are too few to hold out "
+                         "validation text: give more text")
+    return docs[:i] + [doc[:at]] + docs[i + 1:], [doc[at:]]
 
 
 def fingerprint(options, files):
@@ -129,6 +136,8 @@ def prepare(out=DEFAULT_OUT, inputs=None, tokenizer=None, quiet=False, **options
     """Prepare `out` from the bundled world (or from `inputs`, .txt files or folders), unless it
     is already prepared from the same inputs and options. Options: see DEFAULTS."""
     options = {**DEFAULTS, **options}
+    inputs = [os.fspath(p) for p in inputs] if inputs else None  # meta.json keeps them as text
+    tokenizer = os.fspath(tokenizer) if tokenizer else None
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
     if options["vocab_size"] < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"--vocab-size {options['vocab_size']}: at least 256 bytes + "
@@ -136,7 +145,9 @@ def prepare(out=DEFAULT_OUT, inputs=None, tokenizer=None, quiet=False, **options
     if not 0 < options["val_fraction"] < 1:
         raise ValueError(f"--val-fraction {options['val_fraction']}: must lie between 0 and 1")
     if tokenizer and not os.path.isfile(tokenizer):
-        raise ValueError(f"--tokenizer {tokenizer}: no such file")
+        why = "a folder: pass the tokenizer.json in it" if os.path.isdir(tokenizer) else \
+            "no such file"
+        raise ValueError(f"--tokenizer {tokenizer}: {why}")
     docs, files = read_text_files(inputs) if inputs else (None, world.source_files())
     fp = fingerprint(options, files + ([tokenizer] if tokenizer else [])
                      + [__file__, os.path.join(HERE, "tokenizer.py")])
@@ -182,21 +193,36 @@ def prepare(out=DEFAULT_OUT, inputs=None, tokenizer=None, quiet=False, **options
 
 def write_split_files(out, tok, split_docs):
     """train.bin, val.bin (every document opens with <|endoftext|>) and tokenizer.json. Returns
-    the token counts and a checksum of the tokens: the identity of the data a run trains on."""
+    the token counts and the checksum of the token files: the identity of the data."""
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, "meta.json")):  # incomplete until the new one is written
         os.remove(os.path.join(out, "meta.json"))
-    counts, checksum = {}, hashlib.sha256()
+    counts = {}
     for name, docs in split_docs.items():
         ids = [[tok.eot_id] + d for d in tok.encode_batch(docs)]
         arr = np.fromiter((t for d in ids for t in d), dtype=np.uint16)
-        tmp = os.path.join(out, f"{name}.bin.tmp")
-        arr.tofile(tmp)
-        os.replace(tmp, os.path.join(out, f"{name}.bin"))
+        path, tmp = os.path.join(out, f"{name}.bin"), os.path.join(out, f"{name}.bin.tmp")
+        try:  # through a Python file: a full disk raises an OSError that says so
+            with open(tmp, "wb") as f:
+                f.write(arr.tobytes())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         counts[f"{name}_tokens"] = int(arr.size)
-        checksum.update(arr.size.to_bytes(8, "little") + arr.tobytes())
     tok.save(os.path.join(out, "tokenizer.json"))
-    return dict(counts, data_checksum=checksum.hexdigest())
+    return dict(counts, data_checksum=tokens_checksum(out))
+
+
+def tokens_checksum(data_dir):
+    h = hashlib.sha256()
+    for name in ("train.bin", "val.bin"):
+        with open(os.path.join(data_dir, name), "rb") as f:
+            content = f.read()
+        h.update(len(content).to_bytes(8, "little") + content)
+    return h.hexdigest()
 
 
 def check_prepared(data_dir):
@@ -230,6 +256,9 @@ def check_prepared(data_dir):
             what = "is missing" if found is None else f"has {found} bytes, not {size}"
             raise ValueError(f"{path} {what} (see meta.json): the folder is incomplete; prepare "
                              f"it again: {redo}")
+    if tokens_checksum(data_dir) != meta["data_checksum"]:
+        raise ValueError(f"{data_dir}: the token files are not the ones meta.json records "
+                         f"(changed since); prepare it again: {redo}")
     tok_path = os.path.join(data_dir, "tokenizer.json")
     if not os.path.isfile(tok_path) or file_sha256(tok_path) != tokenizer_checksum:
         raise ValueError(f"{tok_path} is missing or not the tokenizer of the token files; "
@@ -245,12 +274,18 @@ def file_sha256(path):
 def load_tokens(data_dir, split_name):
     """Memory-map one split ("train" or "val") after check_prepared."""
     meta = check_prepared(data_dir)
-    path = os.path.join(data_dir, f"{split_name}.bin")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    if data.size and int(data.max()) >= meta["vocab_size"]:
-        raise ValueError(f"{path}: token id {int(data.max())} >= vocab size "
-                         f"{meta['vocab_size']} of {data_dir}/tokenizer.json")
-    return data, meta
+    return np.memmap(os.path.join(data_dir, f"{split_name}.bin"), dtype=np.uint16, mode="r"), meta
+
+
+def refresh(out=DEFAULT_OUT):
+    """What a stage calls for the bundled world: bring `out` up to date with the arguments it was
+    prepared with (the defaults when it holds none), never undoing a user's own preparation."""
+    try:
+        with open(os.path.join(out, "meta.json")) as f:
+            arguments = json.load(f)["arguments"]
+    except (OSError, ValueError, KeyError, TypeError):
+        arguments = {}
+    return prepare(out, **arguments)
 
 
 def main():
@@ -281,10 +316,15 @@ def main():
                 val_fraction=a.val_fraction, world_copies=a.world_copies)
     except (UserError, ValueError) as e:
         die(str(e))
-    except OSError as e:  # the disk filled up, say; meta.json is written last, so a rerun redoes it
-        sys.exit(f"error: {e.filename or a.out}: {e.strerror or e}; {a.out} is incomplete")
-    except KeyboardInterrupt:
-        sys.exit(f"stopped: interrupted; {a.out} is incomplete (run the command again)")
+    except (OSError, KeyboardInterrupt) as e:  # meta.json is written last: a rerun redoes the rest
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else \
+            f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
+        try:
+            check_prepared(a.out)
+            state = f"{a.out} is as it was"
+        except ValueError:
+            state = f"{a.out} is not prepared"
+        sys.exit(f"stopped: {why}; {state}")
 
 
 if __name__ == "__main__":

@@ -216,8 +216,10 @@ class Tokenizer:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes it private; a tokenizer is meant to be shared
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             os.unlink(tmp)
+            if isinstance(e, OSError):  # a full disk, say: name the file
+                raise OSError(e.errno, e.strerror, str(path)) from None
             raise
 
     @classmethod
@@ -231,7 +233,8 @@ class Tokenizer:
                 raise ValueError(f"format is {obj.get('format')!r}, expected {FILE_FORMAT!r}")
             return cls([bytes.fromhex(t) for t in obj["tokens"]], obj["pattern"], obj["special_tokens"])
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise ValueError(f"malformed tokenizer file {path}: {e!r}") from e
+            why = f"{type(e).__name__}: {e}"  # short: the error can quote the whole file
+            raise ValueError(f"malformed tokenizer file {path} ({why[:120]})") from e
 
 
 def check_chat(messages, for_completion=False):
@@ -243,8 +246,10 @@ def check_chat(messages, for_completion=False):
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise ValueError(f"message {i}: needs a role of system, user or assistant")
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise ValueError(f"message {i} ({m['role']}): empty or missing content")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} ({m['role']}): content must be a string")
+        if not m["content"].strip():
+            raise ValueError(f"message {i} ({m['role']}): empty content")
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     for i, m in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"

@@ -76,8 +76,23 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(small_data, tmp_path, capsys):
     before = open(os.path.join(out, "ckpt.pt"), "rb").read()
     with pytest.raises(SystemExit) as e:  # an absurd learning rate blows the loss up to inf/nan
         pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--resume", "--lr", "1e9"])
-    assert "last good checkpoint is intact" in str(e.value)
+    assert e.value.code == 1 and "last good checkpoint is intact" in capsys.readouterr().err
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+
+
+def test_weights_that_give_non_finite_logits_are_never_checkpointed():
+    """The loss checked at each step comes before the update; check_weights runs before every
+    checkpoint on the updated weights."""
+    from common import check_weights
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_kv_head=2,
+                          n_embd=16))
+    x = torch.randint(0, 50, (2, 8))
+    check_weights(model, x, 7)
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="weights after step 7 give non-finite logits"):
+        check_weights(model, x, 7)
 
 
 def test_data_from_another_tokenizer_is_refused_with_a_command_that_works(small_data, tmp_path,
@@ -91,11 +106,15 @@ def test_data_from_another_tokenizer_is_refused_with_a_command_that_works(small_
                    "--steps", "2"]
     with pytest.raises(SystemExit):
         pretrain.main(args)
-    err = capsys.readouterr().err
-    assert "was tokenized with another tokenizer than the checkpoint's" in err
-    suggested = shlex.split(err.split("prepare it with the checkpoint's: ")[1])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert f"{other} was tokenized with another tokenizer than {out}'s" in err
+    before = json.loads((tmp_path / "other" / "meta.json").read_text())
+    new_dir = err.split("then pass --data ")[1].split(":")[0]
+    suggested = shlex.split(err.split(f"--data {new_dir}: ")[1])
     subprocess.run([sys.executable, *suggested[1:]], cwd=ROOT, check=True, capture_output=True)
-    pretrain.main(args)  # the advice was right
+    pretrain.main(args[:args.index("--data")] + ["--data", new_dir]
+                  + args[args.index("--data") + 2:])  # the advice was right
+    assert json.loads((tmp_path / "other" / "meta.json").read_text()) == before  # not overwritten
 
 
 def test_cli_contract_tiny_preset_end_to_end(tmp_path):
@@ -171,7 +190,10 @@ def test_resume_on_other_data_is_refused(small_data, tmp_path, capsys):
                     tokenizer=os.path.join(small_data, "tokenizer.json"), quiet=True)
     with pytest.raises(SystemExit):
         pretrain.main(FAST + ["--data", other, "--out-dir", out, "--resume"])
-    assert "is not the data the run" in capsys.readouterr().err
+    assert f"does not hold the tokens the run in {out} was trained on ({small_data}," in \
+        capsys.readouterr().err
+    pretrain.main(FAST + ["--out-dir", out, "--resume"])  # without --data: the run's own
+    assert sorted(losses(out)) == [1, 2, 3, 4]
 
 
 def test_a_moved_run_resumes_on_the_same_curve(small_data, tmp_path):
@@ -236,7 +258,8 @@ def interrupt_when(condition):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def test_a_checkpoint_comes_every_minute_between_evaluations(small_data, tmp_path, monkeypatch):
+def test_a_checkpoint_comes_every_minute_between_evaluations(small_data, tmp_path, monkeypatch,
+                                                             capsys):
     monkeypatch.setattr(pretrain, "SAVE_EVERY_SECONDS", 0)  # a "minute" passes at every step
     out = tmp_path / "base"
     args = FAST + ["--data", small_data, "--out-dir", str(out), "--steps", "100000",
@@ -245,14 +268,14 @@ def test_a_checkpoint_comes_every_minute_between_evaluations(small_data, tmp_pat
                    len((out / "log.jsonl").read_text().splitlines()) >= 3)
     with pytest.raises(SystemExit) as e:
         pretrain.main(args)
-    assert "stopped: interrupted. The last good checkpoint is intact" in str(e.value)
+    assert "stopped: interrupted. The last good checkpoint is intact" in capsys.readouterr().err
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert step >= 2  # no evaluation yet, and still (nearly) nothing lost
     pretrain.main(args + ["--resume", "--stop-at", str(step + 2)])
     assert sorted(losses(out)) == list(range(1, step + 3))
 
 
-def test_ctrl_c_during_the_final_evaluation_stops_cleanly(tmp_path, monkeypatch):
+def test_ctrl_c_during_the_final_evaluation_stops_cleanly(tmp_path, monkeypatch, capsys):
     """The behaviour evaluation runs on the bundled world; Ctrl-C there stops like Ctrl-C in
     training, and --resume runs the evaluation again."""
     prepare.prepare(prepare.DEFAULT_OUT, quiet=True)
@@ -267,7 +290,7 @@ def test_ctrl_c_during_the_final_evaluation_stops_cleanly(tmp_path, monkeypatch)
             "--eval-iters", "1"]
     with pytest.raises(SystemExit) as e:
         pretrain.main(args)
-    assert str(e.value).startswith("stopped: interrupted. The last good checkpoint is intact")
+    assert "stopped: interrupted. The last good checkpoint is intact" in capsys.readouterr().err
     assert not (out / "eval.json").exists()
     monkeypatch.setattr(pretrain, "evaluate_base", evaluate)
     pretrain.main(args + ["--resume"])
@@ -347,3 +370,20 @@ def test_a_checkpoint_from_an_older_version_loads_but_does_not_resume(small_data
     assert "saved by an older version of this project: its weights load" in capsys.readouterr().err
     pretrain.main(FAST + ["--data", small_data, "--out-dir", str(tmp_path / "new"),
                           "--init-from", str(out), "--steps", "1"])
+
+
+def test_resume_keeps_the_runs_preset(small_data, tmp_path, capsys):
+    out = str(tmp_path / "base")
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--steps", "4", "--stop-at", "2"])
+    with pytest.raises(SystemExit):
+        pretrain.main(FAST[2:] + ["--preset", "cpu", "--out-dir", out, "--resume"])
+    assert "--preset cpu: the run being resumed is a 'tiny' run" in capsys.readouterr().err
+
+
+def test_a_short_context_skips_evaluation_prompts_it_cannot_hold(tmp_path):
+    prepare.prepare(prepare.DEFAULT_OUT, quiet=True)
+    out = tmp_path / "base"
+    pretrain.main(["--preset", "tiny", "--device", "cpu", "--out-dir", str(out), "--steps", "2",
+                   "--eval-iters", "1", "--block-size", "24"])
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["zero_shot_n"] < 100 and ev["fewshot_capital_n"] == 0  # skipped, and counted

@@ -70,7 +70,7 @@ def test_truncated_checkpoint_file(ckpt, tmp_path, capsys):
     (broken / "ckpt.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(broken), "--prompt", "hi"])
-    assert "is not a checkpoint of this project (not a PyTorch file, or a damaged one)" in \
+    assert "is not a checkpoint of this project (a damaged PyTorch file, cut short perhaps)" in \
         capsys.readouterr().err
 
 
@@ -91,7 +91,7 @@ def test_malformed_tokenizer_and_foreign_checkpoint(ckpt, tmp_path, capsys):
     assert "not a checkpoint of this project" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content", ["pickle", "random"])
+@pytest.mark.parametrize("content", ["pickle", "git lfs pointer"])
 def test_a_foreign_file_is_refused_without_advice_to_load_it_unsafely(tmp_path, capsys, content):
     import collections
     import torch
@@ -100,20 +100,36 @@ def test_a_foreign_file_is_refused_without_advice_to_load_it_unsafely(tmp_path, 
     if content == "pickle":  # a file torch would load only with weights_only=False
         torch.save({"model": collections.OrderedDict(a=torch.zeros(1)), "x": ValueError("boo")},
                    foreign / "ckpt.pt")
-    else:
-        (foreign / "ckpt.pt").write_bytes(os.urandom(5000))
+    else:  # what a clone without Git LFS holds
+        (foreign / "ckpt.pt").write_text("version https://git-lfs.github.com/spec/v1\n"
+                                         "oid sha256:" + "0" * 64 + "\nsize 63786819\n")
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(foreign), "--prompt", "hi"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert f"{foreign / 'ckpt.pt'} is not a checkpoint of this project" in err
+    assert ("Python objects" if content == "pickle" else "Git LFS pointer") in err
     assert "weights_only" not in err and "False" not in err
 
 
-@pytest.mark.parametrize("device,message", [("cuda:99", "--device cuda:99: "),
-                                            ("gpu", "--device gpu: not a device")])
-def test_an_unusable_device_gets_one_line(ckpt, capsys, device, message):
+@pytest.mark.parametrize("args,message", [
+    (["--device", "cuda:99"], "--device cuda:99: "),
+    (["--device", "gpu"], "--device gpu: not a device"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--temperature", "inf"], "--temperature must be >= 0"),
+])
+def test_bad_settings_get_one_line(ckpt, capsys, args, message):
     with pytest.raises(SystemExit) as e:
-        sample.main(["--ckpt", ckpt, "--prompt", "hi", "--device", device])
+        sample.main(["--ckpt", ckpt, "--prompt", "hi", *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: " + message) and err.count("\n") == 1
+
+
+def test_a_reader_that_leaves_early_is_no_error(ckpt):
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    run = subprocess.run(f"{sys.executable} sample.py --ckpt {ckpt} --prompt hi --num-samples 200 "
+                         "--max-new-tokens 20 --seed 0 | head -c 10", shell=True, cwd=ROOT,
+                         capture_output=True, text=True)
+    assert len(run.stdout) == 10 and "Traceback" not in run.stderr

@@ -8,7 +8,7 @@ import torch
 
 import sft
 from common import load_checkpoint
-from data import chats
+from data import chats, prepare
 
 
 @pytest.fixture(scope="session")
@@ -17,10 +17,10 @@ def base(tiny_base):
 
 
 @pytest.fixture(scope="module")
-def tuned(base, small_data, tmp_path_factory):
+def tuned(base, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sft"))
     sft.main(["--preset", "tiny", "--device", "cpu", "--init-from", base, "--out-dir", out,
-              "--no-behaviour-eval", "--replay-data", small_data])
+              "--no-behaviour-eval"])
     return out
 
 
@@ -137,12 +137,27 @@ def test_too_long_conversations_are_left_out(base):
 
 def test_an_unusable_out_dir_is_one_line(base, tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit) as e:
-        sft.main(["--init-from", base, "--out-dir", str(tmp_path / "file"), "--device", "cpu",
-                  "--replay", "0"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err == f"error: --out-dir {tmp_path / 'file'}: is a file, not a folder\n"
+    for out, message in ((tmp_path / "file", "is a file, not a folder"),
+                         (base, "the --init-from folder")):  # never advice to delete the base
+        with pytest.raises(SystemExit) as e:
+            sft.main(["--init-from", base, "--out-dir", str(out), "--device", "cpu",
+                      "--replay", "0"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out-dir {out}: {message}") and err.count("\n") == 1
+
+
+def test_a_context_too_short_for_the_evaluation_fails_before_training(small_data, tmp_path,
+                                                                       capsys):
+    import pretrain
+    short = str(tmp_path / "short")
+    pretrain.main(["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--data",
+                   small_data, "--out-dir", short, "--steps", "1", "--block-size", "24"])
+    with pytest.raises(SystemExit):
+        sft.main(["--preset", "tiny", "--device", "cpu", "--init-from", short, "--out-dir",
+                  str(tmp_path / "sft")])
+    assert "the evaluation prompts need a context of more than" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "sft" / "log.jsonl")  # nothing was trained
 
 
 def test_wrong_stage_and_missing_base(tuned, tmp_path, capsys):
@@ -273,9 +288,20 @@ def test_a_moved_run_resumes_with_its_paths_given_again(base, small_data, tmp_pa
     sft.main(args + ["--out-dir", str(new / "sft"), "--resume", "--data", str(new / "chats.jsonl"),
                      "--replay-data", str(new / "replay")])
     assert json.loads((new / "sft" / "eval.json").read_text())["steps"] > 4
-    with pytest.raises(SystemExit):  # another replay corpus is refused, whatever its path
-        sft.main(args + ["--out-dir", str(new / "sft"), "--resume", "--data",
-                         str(new / "chats.jsonl"), "--replay-data", str(tmp_path / "other")])
+    (tmp_path / "t.txt").write_text("Another corpus, the same tokenizer. " * 3000)
+    other = str(tmp_path / "other")
+    prepare.prepare(other, inputs=[str(tmp_path / "t.txt")],
+                    tokenizer=os.path.join(small_data, "tokenizer.json"), quiet=True)
+    (tmp_path / "changed.jsonl").write_text("".join(json.dumps(short_chat(i + 1)) + "\n"
+                                                    for i in range(40)))
+    for flag, path, message in (("--replay-data", other, "is not the data the run in"),
+                                ("--data", str(tmp_path / "changed.jsonl"), "the chats differ")):
+        given = {"--data": str(new / "chats.jsonl"), "--replay-data": str(new / "replay"),
+                 flag: path}  # one of the two is other data, whatever its path
+        with pytest.raises(SystemExit):
+            sft.main(args + ["--out-dir", str(new / "sft"), "--resume", "--stop-at", "6",
+                             *[w for kv in given.items() for w in kv]])
+        assert message in capsys.readouterr().err
 
 
 def test_the_bundled_defaults_are_stored_as_defaults_not_as_paths(base, tmp_path):
