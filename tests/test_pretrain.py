@@ -145,23 +145,29 @@ def test_init_from_continues_pretraining_on_user_text(small_data, tmp_path):
     assert losses(expert)[1] < losses(fresh)[1] - 1.0  # it starts from what the base model knows
 
 
-def test_ctrl_c_keeps_the_last_checkpoint_and_resume_goes_on(small_data, tmp_path):
-    out = tmp_path / "base"
-    args = [sys.executable, "pretrain.py", *FAST, "--data", small_data, "--out-dir", str(out),
-            "--steps", "100000", "--eval-every", "5"]
-    # a shell may start background jobs with SIGINT ignored (then Python never raises
-    # KeyboardInterrupt); give the child the default disposition, as a terminal would
+def ctrl_c(args, once_exists, after=0.0):
+    """Run ARGS, press Ctrl-C once the file ONCE_EXISTS exists (and AFTER more seconds); return
+    the exit status and stderr. A shell may start background jobs with SIGINT ignored (then
+    Python never raises KeyboardInterrupt): the child gets the default, as from a terminal."""
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
                                                                         signal.SIG_DFL))
     deadline = time.time() + 120
-    while not (out / "ckpt.pt").exists():
+    while not once_exists.exists():
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.1)
-    time.sleep(1.0)
+    time.sleep(after)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1
+    return proc.returncode, err
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_goes_on(small_data, tmp_path):
+    out = tmp_path / "base"
+    args = [sys.executable, "pretrain.py", *FAST, "--data", small_data, "--out-dir", str(out),
+            "--steps", "100000", "--eval-every", "5"]
+    returncode, err = ctrl_c(args, once_exists=out / "ckpt.pt", after=1.0)
+    assert returncode == 1
     assert "stopped: interrupted" in err and "last good checkpoint is intact" in err
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert step > 0
@@ -229,16 +235,8 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(small_data, t
     out = tmp_path / "base"
     args = [sys.executable, "pretrain.py", *FAST, "--data", small_data, "--out-dir", str(out),
             "--steps", "100000", "--eval-every", "100000"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
-                                                                        signal.SIG_DFL))
-    deadline = time.time() + 120
-    while not (out / "log.jsonl").exists():  # training has started: step 1 is logged
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and not (out / "ckpt.pt").exists()
+    returncode, err = ctrl_c(args, once_exists=out / "log.jsonl")  # step 1 is logged
+    assert returncode == 1 and not (out / "ckpt.pt").exists()
     assert f"stopped: interrupted. No checkpoint was saved in {out} yet" in err
     assert "intact" not in err
     with pytest.raises(SystemExit) as e:
