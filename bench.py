@@ -22,7 +22,7 @@ import torch
 
 import pretrain
 from common import (UserError, autocast, die, maybe_compile, peak_flops, pick_device, pick_dtype,
-                    positive, writable_dir)
+                    positive, stop_reason, writable_dir)
 from model import GPT, GPTConfig
 
 
@@ -125,10 +125,8 @@ def main():
         die(str(e))
     try:
         run_benchmarks(a, device, dtype)
-    except KeyboardInterrupt:
-        sys.exit("stopped: interrupted")
-    except OSError as e:  # writing --out on a full disk, say
-        sys.exit(f"stopped: {e.filename or a.out}: {e.strerror or e}")
+    except (KeyboardInterrupt, OSError) as e:  # Ctrl-C, or writing --out on a full disk
+        sys.exit(f"stopped: {stop_reason(e)}")
 
 
 def run_benchmarks(a, device, dtype):

@@ -127,14 +127,17 @@ def wrap_model(model, compile_, world_size, device, block_size):
 
 def stop_run(e, out_dir):
     """Exit after Ctrl-C, a non-finite loss or a failed write, saying what is on disk."""
-    if isinstance(e, KeyboardInterrupt):
-        why = "interrupted"
-    elif isinstance(e, OSError):
-        why = f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
-    else:
-        why = str(e)
-    print(f"stopped: {why}. {saved_state(out_dir, e)}", file=sys.stderr)
+    print(f"stopped: {stop_reason(e)}. {saved_state(out_dir, e)}", file=sys.stderr)
     sys.exit(1)
+
+
+def stop_reason(e):
+    """Ctrl-C, a failed write (naming the file) or a non-finite loss, in a few words."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, OSError):
+        return f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
+    return str(e)
 
 
 def saved_state(out_dir, e):

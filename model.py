@@ -292,7 +292,7 @@ if __name__ == "__main__":
     p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder, e.g. out/base")
     p.add_argument("out", metavar="OUT", help="folder to write, e.g. out/base-hf")
     a = p.parse_args()
-    from common import UserError, die, load_checkpoint, writable_dir
+    from common import UserError, die, load_checkpoint, stop_reason, writable_dir
     try:
         model = load_checkpoint(a.ckpt, flag="CKPT")[0]
         writable_dir(a.out, "OUT")
@@ -300,6 +300,5 @@ if __name__ == "__main__":
     except UserError as e:
         die(str(e))
     except (OSError, KeyboardInterrupt) as e:  # a full disk, say: only the export is touched
-        why = "interrupted" if isinstance(e, KeyboardInterrupt) else e.strerror or str(e)
-        sys.exit(f"stopped: {why}; the export in {a.out} is incomplete")
+        sys.exit(f"stopped: {stop_reason(e)}; the export in {a.out} is incomplete")
     print(f"wrote {a.out}/model.safetensors and {a.out}/config.json")

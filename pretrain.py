@@ -186,8 +186,7 @@ def load_data(data, world_size, master):
     if world_size > 1:
         dist.barrier()
     try:  # load_tokens checks the folder against its meta.json, tokenizer included
-        train_data, meta = prepare.load_tokens(folder, "train")
-        val_data, _ = prepare.load_tokens(folder, "val")
+        train_data, val_data, meta = prepare.load_tokens(folder, "train", "val")
         tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
     except ValueError as e:
         raise UserError(str(e)) from e

@@ -108,15 +108,20 @@ def split(docs, val_fraction):
     return docs[:i] + [doc[:at]] + docs[i + 1:], [doc[at:]]
 
 
-def fingerprint(options, files):
-    """Hash of every option and input byte that shapes the output. Contents only, never paths:
-    the same data has the same fingerprint wherever the project lives."""
-    h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+def content_hash(files, header=b""):
+    """sha256 of the files' contents, each with its length. Contents only, never paths: the same
+    data has the same hash wherever the project lives."""
+    h = hashlib.sha256(header)
     for f in files:
         with open(f, "rb") as fh:
             content = fh.read()
         h.update(len(content).to_bytes(8, "little") + content)
     return h.hexdigest()
+
+
+def fingerprint(options, files):
+    """Hash of every option and input byte that shapes the output."""
+    return content_hash(files, json.dumps(options, sort_keys=True).encode())
 
 
 def command(out, inputs=None, tokenizer=None, **options):
@@ -217,12 +222,7 @@ def write_split_files(out, tok, split_docs):
 
 
 def tokens_checksum(data_dir):
-    h = hashlib.sha256()
-    for name in ("train.bin", "val.bin"):
-        with open(os.path.join(data_dir, name), "rb") as f:
-            content = f.read()
-        h.update(len(content).to_bytes(8, "little") + content)
-    return h.hexdigest()
+    return content_hash([os.path.join(data_dir, name) for name in ("train.bin", "val.bin")])
 
 
 def check_prepared(data_dir):
@@ -271,10 +271,12 @@ def file_sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def load_tokens(data_dir, split_name):
-    """Memory-map one split ("train" or "val") after check_prepared."""
+def load_tokens(data_dir, *splits):
+    """Memory-map the named splits ("train", "val"), after one check_prepared: returns the
+    arrays, then meta.json's contents."""
     meta = check_prepared(data_dir)
-    return np.memmap(os.path.join(data_dir, f"{split_name}.bin"), dtype=np.uint16, mode="r"), meta
+    return (*(np.memmap(os.path.join(data_dir, f"{name}.bin"), dtype=np.uint16, mode="r")
+              for name in splits), meta)
 
 
 def refresh(out=DEFAULT_OUT):
@@ -289,7 +291,8 @@ def refresh(out=DEFAULT_OUT):
 
 
 def main():
-    from common import UserError, die, nonnegative, positive, writable_dir  # torch: CLI only
+    from common import (UserError, die, nonnegative, positive, stop_reason,  # torch: CLI only
+                        writable_dir)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", metavar="PATH",
@@ -317,14 +320,12 @@ def main():
     except (UserError, ValueError) as e:
         die(str(e))
     except (OSError, KeyboardInterrupt) as e:  # meta.json is written last: a rerun redoes the rest
-        why = "interrupted" if isinstance(e, KeyboardInterrupt) else \
-            f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
         try:
             check_prepared(a.out)
             state = f"{a.out} is as it was"
         except ValueError:
             state = f"{a.out} is not prepared"
-        sys.exit(f"stopped: {why}; {state}")
+        sys.exit(f"stopped: {stop_reason(e)}; {state}")
 
 
 if __name__ == "__main__":
