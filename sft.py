@@ -448,8 +448,8 @@ def run(a, rank, world_size, device, master):
                                     replay_checksum=replay_checksum)
                 last_save = time.time()
             bar.update(1)
-            bar.set_postfix({k: stats[k] for k in ("loss", "replay_loss", "val_loss")
-                             if stats.get(k) is not None})
+            shown = ("loss", "val_loss") + (("replay_loss",) if replay is not None else ())
+            bar.set_postfix({k: stats[k] for k in shown if stats.get(k) is not None})
     if not master or step < steps:
         return
     result = {"stage": "sft", "preset": c["preset"], "steps": step, "val_loss": last_val,
