@@ -20,10 +20,17 @@ import time
 
 import torch
 
-import pretrain
 from common import (UserError, autocast, die, maybe_compile, peak_flops, pick_device, pick_dtype,
-                    positive, stop_reason, writable_dir)
+                    positive, preset_for, stop_reason, writable_dir)
 from model import GPT, GPTConfig
+
+# The model and micro-batch of pretrain.py's presets of the same names (a stage script is never
+# imported; tests/test_bench.py checks that these still match).
+SHAPES = {
+    "tiny": dict(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, block_size=128, micro_batch=16),
+    "cpu": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=256, block_size=128, micro_batch=16),
+    "gpu": dict(n_layer=8, n_head=8, n_kv_head=8, n_embd=512, block_size=512, micro_batch=64),
+}
 
 
 def cpu_name():
@@ -105,7 +112,9 @@ def bench_generate(cfg, device, dtype, batch=8, new_tokens=256):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["auto", *pretrain.PRESETS], default="auto")
+    p.add_argument("--preset", choices=["auto", *SHAPES], default="auto",
+                   help="the model and micro-batch of this pretrain.py preset (auto: gpu on a "
+                        "CUDA device, else cpu)")
     p.add_argument("--only", choices=["tokenizer", "train", "generate", "gpt2"], action="append",
                    help="run only these parts (repeatable)")
     p.add_argument("--device", default="auto")
@@ -130,9 +139,10 @@ def main():
 
 
 def run_benchmarks(a, device, dtype):
-    preset = a.preset if a.preset != "auto" else ("gpu" if device.startswith("cuda") else "cpu")
-    c = pretrain.PRESETS[preset]
-    cfg = GPTConfig(vocab_size=4096, **{k: c[k] for k in pretrain.MODEL_FIELDS})
+    preset = a.preset if a.preset != "auto" else preset_for(device)
+    shape = dict(SHAPES[preset])
+    micro_batch = shape.pop("micro_batch")
+    cfg = GPTConfig(vocab_size=4096, **shape)
     parts = a.only or ["tokenizer", "train", "generate"] + (["gpt2"] if device == "cuda" else [])
     result = dict(date=time.strftime("%Y-%m-%d"), device=device, dtype=str(dtype).split(".")[-1],
                   device_name=(torch.cuda.get_device_name() if device.startswith("cuda")
@@ -144,7 +154,7 @@ def run_benchmarks(a, device, dtype):
         if part == "tokenizer":
             result[part] = bench_tokenizer()
         elif part == "train":
-            result[part] = bench_train(cfg, c["micro_batch"], device, dtype, a.compile, a.steps)
+            result[part] = bench_train(cfg, micro_batch, device, dtype, a.compile, a.steps)
         elif part == "generate":
             result[part] = bench_generate(cfg, device, dtype)
         elif part == "gpt2":

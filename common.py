@@ -1,4 +1,13 @@
-"""What every stage shares: device and dtype choice, DDP set-up, checkpoints, metric logs, MFU.
+"""What every stage shares, so that each stage file keeps only its own lesson (its loop).
+
+- settings: each stage declares its Settings dataclass (a default and a line of why per field)
+  and named presets; `parse_stage_args` turns them into flags whose --help shows the real
+  default for the chosen preset, and `resolve_settings` merges preset, flags and a resumed run.
+- processes: device and dtype choice, DDP set-up, `launch` (one true line however a run ends).
+- training plumbing: the optimizer (AdamW, weight decay split, fused where supported), the
+  learning-rate schedule, `optimizer_step` (unscale, clip, step, update, zero; returns the
+  gradient norm), the micro-batch split over processes, tokens/s and MFU, checks for NaN.
+- checkpoints and logs.
 
 Checkpoints are directories (out/base, out/sft, ...) holding `ckpt.pt` (weights, model config,
 training state; loaded with weights_only=True, so never an arbitrary pickle) and the tokenizer
@@ -15,12 +24,14 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
 
 from data.tokenizer import Tokenizer
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, ScalarHeadGPT
 
 CKPT_FILE, TOKENIZER_FILE = "ckpt.pt", "tokenizer.json"
 RESUME_FORMAT = 2  # the training state a checkpoint records; 2: data checksums, not paths
@@ -38,7 +49,119 @@ def die(msg):
     sys.exit(2)
 
 
-# ----------------------------------------------------------------------------- devices
+# ----------------------------------------------------------------------------- settings
+def setting(default, why, parse=None):
+    """A field of a stage's Settings: its default, one line of why (the flag's --help), and how
+    the flag is parsed (default: a positive number of the field's type, or text)."""
+    return field(default=default, metadata={"why": why, "parse": parse})
+
+
+def preset_for(device):
+    """The preset the `auto` preset means on this device: gpu on a CUDA GPU, cpu elsewhere."""
+    return "gpu" if device.startswith("cuda") else "cpu"
+
+
+def parse_stage_args(argv, doc, settings_cls, presets, out_dir, add_flags=None):
+    """The command line of a training stage: the run flags every stage shares, its own
+    (add_flags(parser)), and one flag per field of its Settings. A settings flag that is not
+    given is left out of the namespace (a.given holds those that are), so that a resumed run
+    keeps its own values; --help shows each default as the chosen preset sets it."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="auto")
+    pre.add_argument("--device", default="auto")
+    known, _ = pre.parse_known_args(argv)
+    try:
+        shown = known.preset if known.preset in presets else preset_for(pick_device(known.device))
+    except UserError:
+        shown = "cpu"  # the run itself reports the bad --device
+    defaults = {**asdict(settings_cls()), **presets[shown]}
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["auto", *presets], default="auto",
+                   help="named values for the settings below (flags override them); auto: gpu "
+                        "on a CUDA device, else cpu")
+    p.add_argument("--out-dir", default=out_dir, help=f"checkpoint folder (default: {out_dir})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir: "
+                   "model, optimizer, step, RNG, data position; its settings are kept")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | "
+                   "cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16 "
+                   "with a GradScaler; fp32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (fail-soft)")
+    p.add_argument("--stop-at", type=positive(int), help="stop after this step as if "
+                   "interrupted (the schedule still spans the whole run); --resume continues")
+    if add_flags:
+        add_flags(p)
+    group = p.add_argument_group(f"settings (defaults shown: the {shown} preset)")
+    for f in fields(settings_cls):
+        if "why" in f.metadata:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str)
+                                                    else f.type.__name__)
+            parse = f.metadata["parse"] or (positive(kind) if kind else str)
+            group.add_argument("--" + f.name.replace("_", "-"), type=parse,
+                               default=argparse.SUPPRESS,
+                               help=f.metadata["why"] if defaults[f.name] is None else
+                               f"{f.metadata['why']} (default: {defaults[f.name]})")
+    a = p.parse_args(argv)
+    a.given = {f.name: vars(a)[f.name] for f in fields(settings_cls)
+               if "why" in f.metadata and f.name in vars(a)}
+    return a
+
+
+def resolve_settings(settings_cls, presets, a, device, saved=None):
+    """A new run: the dataclass defaults, then the preset, then the flags given. A resumed run:
+    its saved settings, then the flags given (it cannot switch preset)."""
+    if saved is None:
+        preset = a.preset if a.preset != "auto" else preset_for(device)
+        values = {**presets[preset], "preset": preset, **a.given}
+    else:
+        if a.preset not in ("auto", saved["preset"]):
+            raise UserError(f"--preset {a.preset}: the run being resumed is a "
+                            f"'{saved['preset']}' run; a resumed run keeps its settings "
+                            "(drop --preset)")
+        names = {f.name for f in fields(settings_cls)}
+        values = {**{k: v for k, v in saved.items() if k in names}, **a.given}
+    return settings_cls(**values)
+
+
+def check_paths_exist(needed, out_dir):
+    """On --resume: a path the run recorded that is gone (the project moved) is asked for by
+    its flag. needed: (flag, path or None) pairs."""
+    for flag, path in needed:
+        if path and not os.path.exists(path):
+            raise UserError(f"{flag} {path}: not found; the run in {out_dir} needs it: pass "
+                            f"{flag} with where it is now")
+
+
+def positive(kind):
+    """argparse type: a finite number > 0."""
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def nonnegative(kind):
+    """argparse type: a finite number >= 0."""
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        return value
+    return parse
+
+
+def seed_arg(text):
+    """argparse type: a seed torch accepts, with room for the offsets the stages add to it."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in 0 .. 2**32 - 1, got {text}")
+    return value
+
+
+# ----------------------------------------------------------------------------- processes
 def pick_device(name="auto"):
     """auto: cuda, then mps, then cpu. A named device must exist here: a one-line error if not."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -80,30 +203,46 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-def setup_distributed(device_arg):
-    """Returns (rank, world_size, device). Started by torchrun -> one process per device joins a
-    process group (NCCL on GPUs, gloo on CPU); started plainly -> a single process."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_arg)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    device = pick_device(device_arg)
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, dist.get_world_size(), device
+@dataclass
+class Process:
+    """Where this process trains: its rank among world_size processes (1 without torchrun),
+    its device and the dtype of its autocast. The master (rank 0) writes files and logs."""
+    rank: int
+    world_size: int
+    device: str
+    dtype: torch.dtype
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_process(device_arg, dtype_arg):
+    """Started by torchrun -> one process per device joins a process group (NCCL on GPUs, gloo
+    on CPU); started plainly -> a single process. TF32 matmuls on CUDA (fp32 work that autocast
+    leaves, at tensor-core speed and 10 bits of mantissa)."""
+    rank, world_size, device = 0, 1, pick_device(device_arg)
+    if "RANK" in os.environ:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        if device == "cuda":
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        world_size = dist.get_world_size()
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return Process(rank, world_size, device, pick_dtype(dtype_arg, device))
 
 
 def launch(run, a):
-    """Call run(a, rank, world_size, device, master) in this process (one of several under
-    torchrun). However the run ends early, it ends with one line that says what is true: bad
-    input (exit 2), or Ctrl-C, a non-finite loss or a failed write (exit 1, naming what was
-    saved). The process group is always closed."""
+    """Call run(a, process) in this process (one of several under torchrun). However the run
+    ends early, it ends with one line that says what is true: bad input (exit 2), or Ctrl-C, a
+    non-finite loss or a failed write (exit 1, naming what was saved). The process group is
+    always closed."""
     try:
         if not a.resume or os.path.isdir(a.out_dir):  # before any work, not after it
             writable_dir(a.out_dir, "--out-dir")
-        rank, world_size, device = setup_distributed(a.device)
-        run(a, rank, world_size, device, rank == 0)
+        run(a, setup_process(a.device, a.dtype))
     except UserError as e:
         die(str(e))
     except (KeyboardInterrupt, FloatingPointError, OSError) as e:
@@ -113,16 +252,29 @@ def launch(run, a):
             dist.destroy_process_group()
 
 
-def wrap_model(model, compile_, world_size, device, block_size):
+def wrap_model(model, compile_, proc, block_size):
     """The model the training loop calls: optionally compiled, wrapped for DDP on several
     processes. Checkpoints and evaluation keep using the raw model."""
     model = maybe_compile(model, compile_,
-                          torch.zeros(1, block_size, dtype=torch.long, device=device))
-    if world_size > 1:
+                          torch.zeros(1, block_size, dtype=torch.long, device=proc.device))
+    if proc.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda")
-                    else None)
+        device_ids = [int(proc.device.split(":")[1])] if proc.device.startswith("cuda") else None
+        model = DDP(model, device_ids=device_ids)
     return model
+
+
+def mean_over_processes(values, proc):
+    """The mean of a tensor over all processes (itself with one): every rank logs the same."""
+    if proc.world_size > 1:
+        dist.all_reduce(values)
+        values = values / proc.world_size
+    return values
+
+
+def barrier(proc):
+    if proc.world_size > 1:
+        dist.barrier()
 
 
 def stop_run(e, out_dir):
@@ -165,14 +317,29 @@ def maybe_compile(model, enabled, example):
         return model
 
 
-# ----------------------------------------------------------------------------- optimisation
-def make_optimizer(model, lr, weight_decay, device):
-    """AdamW; weight decay on matrices (and embeddings) only, never on norm gains."""
+# ----------------------------------------------------------------------------- training steps
+def make_optimizer(model, lr, weight_decay, proc, fused=None):
+    """AdamW with weight decay on matrices (and embeddings) only, never on norm gains; and the
+    GradScaler that fp16 needs (disabled otherwise). fused=None: the fused kernel on CUDA."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr,
-                             betas=(0.9, 0.95), fused=device.startswith("cuda"))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                            betas=(0.9, 0.95),
+                            fused=proc.device.startswith("cuda") if fused is None else fused)
+    scaler = torch.amp.GradScaler(proc.device.split(":")[0],
+                                  enabled=proc.dtype == torch.float16)
+    return opt, scaler
+
+
+def resume_training(ckpt, opt, scaler):
+    """(step, last validation loss) to start from: 0 and None for a new run; for a resumed one
+    (ckpt: its checkpoint) its own, with the optimizer's moments and the loss scale restored."""
+    if ckpt is None:
+        return 0, None
+    opt.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["step"], ckpt.get("val_loss")
 
 
 def lr_at(step, lr, warmup, steps):
@@ -181,6 +348,51 @@ def lr_at(step, lr, warmup, steps):
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, steps - warmup))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_step(opt, scaler, model, lr, grad_clip):
+    """Set the learning rate, unscale the gradients (fp16), clip them to norm grad_clip (0: no
+    clipping), step, update the loss scale, zero the gradients. Returns the gradient norm before
+    clipping (inf or nan when fp16 overflowed: the scaler then skips the step)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    scaler.unscale_(opt)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return norm.item()
+
+
+def split_batch(batch_size, micro_batch, proc, micro_batch_given):
+    """(micro-batch per process, accumulation steps) for batch_size examples a step. A preset's
+    micro-batch is shrunk to fit the share of each process; one given by flag is kept."""
+    if not micro_batch_given:
+        micro_batch = max(1, min(micro_batch, batch_size // proc.world_size))
+    per_step = micro_batch * proc.world_size
+    if batch_size % per_step:
+        raise UserError(f"--batch-size {batch_size} must be a multiple of --micro-batch x "
+                        f"processes = {per_step}")
+    return micro_batch, batch_size // per_step
+
+
+def lm_batch(tokens, offsets, T, device):
+    """Inputs and next-token targets (B, T) from windows of T + 1 tokens at `offsets`."""
+    x = torch.stack([torch.from_numpy(tokens[o:o + T + 1].astype("int64"))
+                     for o in offsets.tolist()])
+    x = x.to(device, non_blocking=True)
+    return x[:, :-1], x[:, 1:]
+
+
+def check_finite(step, **values):
+    """Stop (FloatingPointError) on a NaN or infinite loss, before it reaches a checkpoint."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise FloatingPointError(f"{name.replace('_', ' ')} is {value} at step {step}")
 
 
 @torch.no_grad()
@@ -192,32 +404,17 @@ def check_weights(model, x, step):
         raise FloatingPointError(f"the weights after step {step} give non-finite logits")
 
 
-def positive(kind):
-    """argparse type: a finite number > 0."""
-    def parse(text):
-        value = kind(text)
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
+class SaveClock:
+    """A checkpoint at every evaluation, and between them at least every SAVE_EVERY_SECONDS."""
 
+    def __init__(self):
+        self.last = time.time()
 
-def nonnegative(kind):
-    """argparse type: a finite number >= 0."""
-    def parse(text):
-        value = kind(text)
-        if not math.isfinite(value) or value < 0:
-            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-        return value
-    return parse
+    def due(self, evaluated):
+        return evaluated or time.time() - self.last > SAVE_EVERY_SECONDS
 
-
-def seed_arg(text):
-    """argparse type: a seed torch accepts, with room for the offsets the stages add to it."""
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must lie in 0 .. 2**32 - 1, got {text}")
-    return value
+    def saved(self):
+        self.last = time.time()
 
 
 # bf16 dense tensor-core peak FLOP/s per GPU, for MFU. Matched by substring of the device name.
@@ -226,11 +423,22 @@ PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100"
               ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
 
 
+@lru_cache
 def peak_flops(device):
     if not str(device).startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(device)
     return next((f for key, f in PEAK_FLOPS if key in name), None)
+
+
+def throughput(tokens, seconds, flops_per_token, proc):
+    """tok_per_s of all processes together, and MFU (model FLOPs utilisation: the share of the
+    GPUs' peak bf16 FLOP/s that the model's training FLOPs use) where the peak is known."""
+    speed = {"tok_per_s": round(tokens / seconds)}
+    peak = peak_flops(proc.device)
+    if peak:
+        speed["mfu"] = round(tokens * flops_per_token / seconds / (peak * proc.world_size), 4)
+    return speed
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -272,11 +480,12 @@ def atomic_write(path, write):
 
 
 def save_checkpoint(out_dir, stage, model, tokenizer, **state):
-    """Write out_dir/ckpt.pt: stage, model config + weights, tokenizer checksum, training state.
-    out_dir/tokenizer.json is written once, when the run starts (see prepare_out_dir)."""
+    """Write out_dir/ckpt.pt: stage, kind of head, model config + weights, tokenizer checksum,
+    training state. out_dir/tokenizer.json is written once, when the run starts (see
+    prepare_out_dir)."""
     def write(tmp):
         with open(tmp, "wb") as f:  # a Python file, so that a full disk raises an OSError
-            torch.save(dict(stage=stage, model_config=vars(model.config),
+            torch.save(dict(stage=stage, head=model.head, model_config=vars(model.config),
                             model=model.state_dict(), tokenizer_checksum=tokenizer.checksum,
                             resume_format=RESUME_FORMAT, **state), f)
     atomic_write(os.path.join(out_dir, CKPT_FILE), write)
@@ -307,7 +516,8 @@ def prepare_out_dir(out_dir, tokenizer, resume, write=True):
 
 
 def load_checkpoint(ckpt_dir, stages=None, device="cpu", flag="--ckpt"):
-    """Returns (model, tokenizer, ckpt dict). Clear errors, naming `flag`, for a missing
+    """Returns (model, tokenizer, ckpt dict): a GPT, or a ScalarHeadGPT for a checkpoint with a
+    scalar head (reward model, critic). Clear errors, naming `flag`, for a missing
     checkpoint, a file that is not one, a checkpoint of the wrong stage, or a tokenizer that is
     missing or does not match the weights. flag="--resume" reads out_dir of the run to continue."""
     if os.path.basename(ckpt_dir) == CKPT_FILE and os.path.isfile(ckpt_dir):
@@ -350,10 +560,11 @@ def load_checkpoint(ckpt_dir, stages=None, device="cpu", flag="--ckpt"):
         raise UserError(str(e)) from e
     if tokenizer.checksum != ckpt.get("tokenizer_checksum"):
         raise UserError(f"{tok_path} does not match the tokenizer {path} was trained with")
-    try:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
+    try:  # checkpoints from before scalar heads record no head: language models
+        model = {"lm": GPT, "scalar": ScalarHeadGPT}[ckpt.get("head", "lm")](
+            GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path}: weights do not fit the model config it records ({first})") from e
     return model.to(device), tokenizer, ckpt

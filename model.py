@@ -3,15 +3,17 @@
 Every stage of the project (base, SFT, reward model, PPO policy and critic) is this one network.
 The architecture is the modern default: RMSNorm before each block, rotary position embeddings
 (RoPE), a SwiGLU MLP, no biases, optional grouped-query attention (GQA: fewer key/value heads
-than query heads). Parameter names follow Hugging Face's LlamaForCausalLM so that `export_hf`
+than query heads). Parameter names follow Hugging Face's LlamaForCausalLM so that export.py
 is a plain copy and tests/test_model.py can prove parity against `transformers`.
+
+The language model (`GPT`) gives next-token logits, the per-token log-probabilities of given
+tokens (PPO's policy and reference) and the hidden states every head reads; `ScalarHeadGPT` is
+the same trunk with one number per position (the reward model, PPO's critic).
 
 Sampling is batched: prompts of different lengths are left-padded into one batch and every row
 carries its own positions, so row i never sees row j's padding (PPO rollouts rely on this).
 """
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +135,8 @@ def padding_mask(pad, start, T, total):
 
 
 class GPT(nn.Module):
+    head = "lm"  # a checkpoint records it, so the loader builds the right class
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
@@ -165,8 +169,8 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def forward(self, idx, targets=None, *, pad=None, cache=None):
-        """Logits (B, T, vocab), and the mean cross-entropy if `targets` is given (-1 = ignored).
+    def hidden_states(self, idx, *, pad=None, cache=None):
+        """The last layer's normalised hidden states (B, T, n_embd): what every head reads.
 
         pad: (B,) left-padding counts of the rows (None: no padding). cache: a KVCache that this
         call appends to (its own `pad` is used)."""
@@ -189,12 +193,28 @@ class GPT(nn.Module):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.len += T
-        logits = self.lm_head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, *, pad=None, cache=None):
+        """Logits (B, T, vocab), and the mean cross-entropy if `targets` is given (-1 = ignored)."""
+        logits = self.lm_head(self.hidden_states(idx, pad=pad, cache=cache))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1)
         return logits, loss
+
+    def token_logprobs(self, idx, *, pad=None, temperature=1.0):
+        """log p(idx[:, t] | idx[:, :t]) for t = 1 .. T-1, under logits / temperature: (B, T-1).
+
+        The policy and the reference model of PPO score a sampled answer with this, at the
+        temperature it was sampled with (otherwise the ratio and the KL compare two different
+        distributions). Positions in a row's left padding hold meaningless values: mask them."""
+        if not temperature > 0:
+            raise ValueError(f"temperature {temperature}: log-probs need a temperature above 0")
+        logits, _ = self(idx, pad=pad)
+        logprobs = (logits[:, :-1].float() / temperature).log_softmax(-1)
+        return logprobs.gather(-1, idx[:, 1:, None]).squeeze(-1)
 
     @torch.no_grad()
     def stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -205,7 +225,7 @@ class GPT(nn.Module):
         is finished: its later tokens are `pad_id`. Stops when every row is finished.
         temperature 0 means greedy. use_cache=False recomputes the whole sequence every step
         (the slow reference the KV cache is tested and benchmarked against)."""
-        device = self.lm_head.weight.device
+        device = self.embed_tokens.weight.device
         B, L = len(prompts), max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0:
             raise ValueError("every prompt needs at least one token")
@@ -256,49 +276,43 @@ def sample_next(logits, temperature, top_k, top_p, gen):
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set whose mass reaches top_p
+        # keep the smallest set whose mass reaches top_p: drop a token once the likelier ones
+        # before it already hold top_p (the first token is always kept)
+        drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def export_hf(model: GPT, out_dir: str):
-    """Write `model.safetensors` + `config.json` that transformers' LlamaForCausalLM loads as is."""
-    from safetensors.torch import save
-    c = model.config
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {("model." + k if not k.startswith("lm_head") else k): v.detach().cpu().contiguous()
-               for k, v in model.state_dict().items()}
-    with open(os.path.join(out_dir, "model.safetensors"), "wb") as f:  # a full disk: OSError
-        f.write(save(tensors, metadata={"format": "pt"}))
-    hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=c.vocab_size,
-              hidden_size=c.n_embd, intermediate_size=c.ffn_hidden, num_hidden_layers=c.n_layer,
-              num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-              head_dim=c.n_embd // c.n_head, max_position_embeddings=c.block_size,
-              rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, hidden_act="silu",
-              attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
-              torch_dtype="float32")
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
+class ScalarHeadGPT(GPT):
+    """The same trunk with a scalar head: one number per position instead of next-token logits.
 
+    The reward model reads it at an answer's last token; PPO's critic reads it at every token of
+    the answer. Initialised from a language model (`from_language_model`), it starts from what
+    that model knows and learns only what the number should mean."""
+    head = "scalar"
 
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg)
+        del self.lm_head  # no vocabulary projection: this model scores text, it never writes it
+        self.score_head = nn.Linear(cfg.n_embd, 1, bias=False)
+        # small enough that the first scores are near 0 (1/sqrt(n_embd + 1), as in the OpenAI
+        # summarize-from-feedback code)
+        nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(cfg.n_embd + 1))
 
-if __name__ == "__main__":
-    import argparse
-    import sys
-    p = argparse.ArgumentParser(description="Export a checkpoint's weights to Hugging Face format: "
-                                "model.safetensors + config.json, loadable by LlamaForCausalLM. "
-                                "(The tokenizer stays this project's: encode with data/tokenizer.py.)")
-    p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder, e.g. out/base")
-    p.add_argument("out", metavar="OUT", help="folder to write, e.g. out/base-hf")
-    a = p.parse_args()
-    from common import UserError, die, load_checkpoint, stop_reason, writable_dir
-    try:
-        model = load_checkpoint(a.ckpt, flag="CKPT")[0]
-        writable_dir(a.out, "OUT")
-        export_hf(model, a.out)
-    except UserError as e:
-        die(str(e))
-    except (OSError, KeyboardInterrupt) as e:  # a full disk, say: only the export is touched
-        sys.exit(f"stopped: {stop_reason(e)}; the export in {a.out} is incomplete")
-    print(f"wrote {a.out}/model.safetensors and {a.out}/config.json")
+    @classmethod
+    def from_language_model(cls, model: GPT):
+        """The trunk of `model` (a base or SFT model) with a fresh scalar head."""
+        scalar = cls(model.config).to(model.embed_tokens.weight.device)
+        trunk = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
+        missing, unexpected = scalar.load_state_dict(trunk, strict=False)
+        assert missing == ["score_head.weight"] and not unexpected, (missing, unexpected)
+        return scalar
+
+    def forward(self, idx, *, pad=None):
+        """Scores (B, T) in fp32: the value of each position, given the tokens up to it."""
+        return self.score_head(self.hidden_states(idx, pad=pad)).squeeze(-1).float()
+
+    def stream(self, *args, **kwargs):
+        raise TypeError("a scalar-head model (reward model, critic) scores text; it cannot "
+                        "generate")

@@ -56,9 +56,13 @@ class Sampler:
         self.dtype = pick_dtype(a.dtype, self.device)
         self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, device=self.device,
                                                      flag="--compare" if a.compare else "--ckpt")
+        if self.model.head != "lm":
+            raise UserError(f"{ckpt_dir} is a '{ckpt['stage']}' checkpoint: a scalar head, which "
+                            "scores answers and cannot write them; sample from a base, sft or "
+                            "ppo checkpoint")
         self.model.eval()
         self.stage = ckpt["stage"]
-        self.chat = self.stage != "base"
+        self.chat = self.stage != "base"  # SFT and PPO policies are chat models
         self.history = []  # chat turns so far (interactive chat)
 
     def prompt_ids(self, text):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig, export_hf
+from export import export_hf
+from model import GPT, GPTConfig
 
 
 def tiny(**kw):
@@ -102,11 +103,93 @@ def test_export_cli_writes_and_refuses_an_unusable_folder(tiny_base, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     for out, message in ((tmp_path / "file", "is a file, not a folder"),
                          (tmp_path / "file" / "sub", "cannot write there")):
-        run = subprocess.run([sys.executable, "model.py", tiny_base, str(out)], cwd=ROOT,
+        run = subprocess.run([sys.executable, "export.py", tiny_base, str(out)], cwd=ROOT,
                              capture_output=True, text=True)
         assert run.returncode == 2 and run.stderr.count("\n") == 1
         assert run.stderr.startswith(f"error: OUT {out}: {message}")
-    run = subprocess.run([sys.executable, "model.py", tiny_base, str(tmp_path / "hf")], cwd=ROOT,
+    run = subprocess.run([sys.executable, "export.py", tiny_base, str(tmp_path / "hf")], cwd=ROOT,
                          capture_output=True, text=True)
     assert run.returncode == 0
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+
+
+# ----------------------------------------------------------------------------- for RLHF
+def left_padded(rows, pad_id=0):
+    L = max(map(len, rows))
+    return (torch.tensor([[pad_id] * (L - len(r)) + r for r in rows]),
+            torch.tensor([L - len(r) for r in rows]))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_equal_the_logits_by_hand_in_a_left_padded_batch(temperature):
+    model = tiny(n_kv_head=2)
+    rows = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13]]
+    ids, pad = left_padded(rows)
+    batched = model.token_logprobs(ids, pad=pad, temperature=temperature)
+    assert batched.shape == (3, 7)
+    for b, row in enumerate(rows):
+        logits, _ = model(torch.tensor([row]))  # the row alone, no padding
+        by_hand = torch.log_softmax(logits[0, :-1] / temperature, -1)
+        expected = by_hand[torch.arange(len(row) - 1), torch.tensor(row[1:])]
+        torch.testing.assert_close(batched[b, pad[b]:], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_token_logprobs_refuse_temperature_zero():
+    with pytest.raises(ValueError, match="temperature above 0"):
+        tiny().token_logprobs(torch.tensor([[1, 2, 3]]), temperature=0)
+
+
+def test_scalar_head_ignores_padding_and_batch_mates():
+    from model import ScalarHeadGPT
+    model = ScalarHeadGPT.from_language_model(tiny())
+    rows = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13]]
+    ids, pad = left_padded(rows, pad_id=42)
+    scores = model(ids, pad=pad)
+    assert scores.shape == (3, 8) and scores.dtype == torch.float32
+    for b, row in enumerate(rows):
+        alone = model(torch.tensor([row]))[0]
+        torch.testing.assert_close(scores[b, pad[b]:], alone, atol=1e-5, rtol=1e-5)
+        # right padding (a response shorter than its batch-mates) changes no earlier score
+        right = model(torch.tensor([row + [42] * 4]))[0]
+        torch.testing.assert_close(right[:len(row)], alone, atol=1e-5, rtol=1e-5)
+    other = model(left_padded([rows[0], [3] * 8])[0], pad=torch.tensor([5, 0]))
+    torch.testing.assert_close(other[0, 5:], scores[0, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_scalar_head_starts_from_the_language_models_trunk():
+    from model import ScalarHeadGPT
+    lm = tiny()
+    scalar = ScalarHeadGPT.from_language_model(lm)
+    x = torch.randint(0, 97, (2, 10))
+    torch.testing.assert_close(scalar.hidden_states(x), lm.hidden_states(x))
+    assert not hasattr(scalar, "lm_head")
+    with pytest.raises(TypeError, match="cannot generate"):
+        scalar.generate([[1, 2]], 3)
+
+
+def test_checkpoints_record_their_head_and_load_as_the_right_model(tmp_path):
+    from common import load_checkpoint, save_checkpoint
+    from data.tokenizer import Tokenizer
+    from model import ScalarHeadGPT
+    tok = Tokenizer.train(["a small corpus for a small tokenizer " * 20], 300)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model = ScalarHeadGPT.from_language_model(tiny(vocab_size=tok.n_vocab))
+    save_checkpoint(str(tmp_path), "reward", model, tok)
+    loaded, _, ckpt = load_checkpoint(str(tmp_path), ["reward"])
+    assert ckpt["head"] == "scalar" and isinstance(loaded, ScalarHeadGPT)
+    x = torch.randint(0, tok.n_vocab, (2, 9))
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p():
+    from model import sample_next
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # by rank: token 1, 3, 2, 0
+    logits = probs.log().expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    for top_p, kept in ((0.4, {1}), (0.7, {1, 3}), (0.85, {1, 3, 2}), (0.99, {0, 1, 2, 3}),
+                        (1.0, {0, 1, 2, 3})):
+        drawn = sample_next(logits, 1.0, None, top_p, gen)
+        assert set(drawn.tolist()) == kept, top_p
+    # within the kept set, the original odds are kept (renormalised): 0.5 : 0.3
+    drawn = sample_next(logits, 1.0, None, 0.7, gen)
+    assert abs((drawn == 1).float().mean().item() - 0.5 / 0.8) < 0.03

@@ -133,3 +133,16 @@ def test_a_reader_that_leaves_early_is_no_error(ckpt):
                          "--max-new-tokens 20 --seed 0 | head -c 10", shell=True, cwd=ROOT,
                          capture_output=True, text=True)
     assert len(run.stdout) == 10 and "Traceback" not in run.stderr
+
+
+def test_a_reward_model_checkpoint_is_refused_with_a_reason(ckpt, tmp_path, capsys):
+    from common import TOKENIZER_FILE, load_checkpoint, save_checkpoint
+    from model import ScalarHeadGPT
+    model, tok, _ = load_checkpoint(ckpt)
+    save_checkpoint(str(tmp_path), "reward", ScalarHeadGPT.from_language_model(model), tok)
+    shutil.copy(os.path.join(ckpt, TOKENIZER_FILE), tmp_path / TOKENIZER_FILE)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path), "--prompt", "hi", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"{tmp_path} is a 'reward' checkpoint: a scalar head, which scores answers" in err

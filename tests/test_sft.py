@@ -8,6 +8,7 @@ import torch
 
 import sft
 from common import load_checkpoint
+from evaluation import answer
 from data import chats, prepare
 
 
@@ -82,13 +83,14 @@ def test_tiny_sft_loss_falls_and_model_stops_with_end_of_turn(base, tuned):
     first = sum(r["loss"] for r in log[:5]) / 5
     last = sum(r["loss"] for r in log[-5:]) / 5
     assert last < first * 0.6, (first, last)
+    assert all(0 < r["grad_norm"] < float("inf") and r["tok_per_s"] > 0 for r in log)
     model, tok, ckpt = load_checkpoint(tuned, ["sft"])
     items = chats.eval_prompts("heldout")[:64]
     prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
-    results = sft.answer(model, tok, prompts)
+    results = answer(model, tok, prompts)
     assert sum(ended for _, ended, _ in results) / len(results) >= 0.9
     base_model, _, _ = load_checkpoint(base)
-    base_results = sft.answer(base_model, tok, prompts)
+    base_results = answer(base_model, tok, prompts)
     assert sum(ended for _, ended, _ in base_results) / len(results) < 0.5
 
 

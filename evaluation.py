@@ -1,0 +1,122 @@
+"""The evaluations several stages share, judged against the bundled world's fact tables.
+
+- evaluate_base: the evidence that a model is a *base* model: a bare question is continued with
+  more questions, and a few-shot Q/A prompt gets the right answer (pretrain.py's eval.json).
+- evaluate_chat: an instruct model's greedy answers to chat prompts, judged by the teacher
+  (data/teacher.py): accuracy, system-prompt adherence, end of turn, length (every instruct stage).
+- evaluate_base_on_chat_prompts: the base model on the same requests, as chat and as plain text.
+"""
+import torch
+
+from common import UserError
+from data import chats, teacher, world
+
+
+@torch.no_grad()
+def evaluate_base(model, tok, device, seed=0, n_zero_shot=100, batch_size=64):
+    """The evidence that this is a base model (see README): does a bare question get continued
+    with more questions, and does a few-shot Q/A prompt get the right answer?"""
+    model.eval()
+    bos = [tok.eot_id]
+
+    def complete(texts, max_new, temperature):
+        out = []
+        for i in range(0, len(texts), batch_size):
+            prompts = [bos + tok.encode(t) for t in texts[i:i + batch_size]]
+            rows = model.generate(prompts, max_new, temperature=temperature, top_k=50,
+                                  stop_ids=[tok.eot_id], seed=seed + i, pad_id=tok.pad_id)
+            out += [tok.decode([t for t in r if t != tok.eot_id]) for r in rows]
+        return out
+
+    def fits(text, new):  # a short context skips the prompts it cannot hold
+        return 1 + len(tok.encode(text)) + new <= model.config.block_size
+
+    questions = [q for q in world.zero_shot_questions()[:n_zero_shot] if fits(q + "\n", 24)]
+    conts = complete([q + "\n" for q in questions], 24, temperature=1.0)
+    result = {"zero_shot_question_rate": (sum(map(world.is_question, conts)) / len(conts)
+                                          if conts else None), "zero_shot_n": len(conts),
+              "zero_shot_examples": [q + "\n" + c for q, c in zip(questions[:3], conts[:3])]}
+    for kind in ("capital", "symbol"):
+        items, prompts = world.fewshot_items(kind), []
+        for j, (q, _) in enumerate(items):  # 3 fixed examples that are not the question itself
+            shots = [items[(j + k * 7 + 1) % len(items)] for k in range(3)]
+            prompts.append(world.fewshot_prompt(shots, q))
+        keep = [i for i, p in enumerate(prompts) if fits(p, 12)]
+        answers = complete([prompts[i] for i in keep], 12, temperature=0)
+        hits = [world.fewshot_answer(c) == items[i][1] for i, c in zip(keep, answers)]
+        result[f"fewshot_{kind}_accuracy"] = sum(hits) / len(hits) if hits else None
+        result[f"fewshot_{kind}_n"] = len(hits)
+    model.train()
+    return result
+
+
+@torch.no_grad()
+def answer(model, tok, prompts, max_new=48, batch_size=64, temperature=0.0, seed=0):
+    """Generate from token-id prompts; returns (text, ended with <|end|>, n tokens) per prompt."""
+    stops = [tok.special("<|end|>"), tok.eot_id]
+    if max(map(len, prompts)) >= model.config.block_size:
+        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens leaves no room in the "
+                         f"context of {model.config.block_size}")
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        room = model.config.block_size - max(map(len, batch))
+        rows = model.generate(batch, min(max_new, room), temperature=temperature, top_k=50,
+                              stop_ids=stops, pad_id=tok.pad_id, seed=seed + i)
+        for r in rows:
+            ended = bool(r) and r[-1] == stops[0]
+            body = r[:-1] if r and r[-1] in stops else r
+            out.append((tok.decode(body), ended, len(body)))
+    return out
+
+
+def evaluate_chat(model, tok, items, examples=3):
+    """Judge the model's answers to chat prompts (greedy) with the teacher. Used for every
+    instruct stage: accuracy, end-of-turn rate, length, and adherence per system behaviour."""
+    model.eval()
+    prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
+    results = answer(model, tok, prompts)
+    verdicts = [teacher.judge(it, text, ended) for it, (text, ended, _) in zip(items, results)]
+    r = {"n": len(items),
+         "accuracy": sum(v["correct"] for v in verdicts) / len(items),
+         "end_of_turn_rate": sum(v["ended"] for v in verdicts) / len(items),
+         "mean_length_tokens": sum(n for _, _, n in results) / len(items),
+         "mean_score": sum(v["score"] for v in verdicts) / len(items)}
+    for b in sorted({it["behaviour"] for it in items}):
+        mine = [v for it, v in zip(items, verdicts) if it["behaviour"] == b]
+        r[f"accuracy_{b}"] = sum(v["correct"] for v in mine) / len(mine)
+        if b != "none":
+            r[f"adherence_{b}"] = sum(v["follows_system"] for v in mine) / len(mine)
+    r["examples"] = [{"prompt": it["messages"], "response": text, "ended": ended}
+                     for it, (text, ended, _) in list(zip(items, results))[:examples]]
+    model.train()
+    return r
+
+
+def evaluate_base_on_chat_prompts(model, tok, items):
+    """The base model on the same requests: rendered as chat (it was never taught the format)
+    and as plain text (it continues the pattern: more questions)."""
+    r = {f"chat_{k}": v for k, v in evaluate_chat(model, tok, items, examples=0).items()
+         if k in ("accuracy", "end_of_turn_rate")}
+    plain = [[tok.eot_id] + tok.encode(chats.plain_prompt(it["messages"])) for it in items]
+    texts = [t for t, _, _ in answer(model, tok, plain, max_new=24, temperature=1.0)]
+    verdicts = [teacher.judge(it, t, False) for it, t in zip(items, texts)]
+    r["plain_question_rate"] = sum(map(world.is_question, texts)) / len(texts)
+    r["plain_accuracy"] = sum(v["correct"] for v in verdicts) / len(texts)
+    for b in sorted({it["behaviour"] for it in items} - {"none"}):
+        follows = [v["follows_system"] for it, v in zip(items, verdicts) if it["behaviour"] == b]
+        r[f"plain_adherence_{b}"] = sum(follows) / len(follows)
+    r["plain_examples"] = [chats.plain_prompt(it["messages"]) + t for it, t in
+                           list(zip(items, texts))[:2]]
+    return r
+
+
+def check_chat_eval_fits(tok, block_size):
+    """Fail before training, not after it, if the held-out chat prompts (as chat or as plain
+    text) cannot fit the context."""
+    items = chats.eval_prompts("heldout")
+    longest = max(max(len(tok.render_chat(it["messages"], for_completion=True)[0]),
+                      1 + len(tok.encode(chats.plain_prompt(it["messages"])))) for it in items)
+    if longest >= block_size:
+        raise UserError(f"the evaluation prompts need a context of more than {longest} tokens; "
+                        f"the model's is {block_size} (--no-behaviour-eval skips them)")
