@@ -274,7 +274,7 @@ def test_a_checkpoint_comes_every_minute_between_evaluations(small_data, tmp_pat
                    "--eval-every", "100000"]
     interrupt_when(lambda: (out / "log.jsonl").exists() and
                    len((out / "log.jsonl").read_text().splitlines()) >= 3)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit):
         pretrain.main(args)
     assert "stopped: interrupted. The last good checkpoint is intact" in capsys.readouterr().err
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
@@ -296,7 +296,7 @@ def test_ctrl_c_during_the_final_evaluation_stops_cleanly(tmp_path, monkeypatch,
     out = tmp_path / "base"
     args = ["--preset", "tiny", "--device", "cpu", "--out-dir", str(out), "--steps", "2",
             "--eval-iters", "1"]
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit):
         pretrain.main(args)
     assert "stopped: interrupted. The last good checkpoint is intact" in capsys.readouterr().err
     assert not (out / "eval.json").exists()
