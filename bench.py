@@ -25,7 +25,7 @@ from common import (UserError, autocast, die, maybe_compile, peak_flops, pick_de
 from model import GPT, GPTConfig
 
 # The model and micro-batch of pretrain.py's presets of the same names (a stage script is never
-# imported; tests/test_bench.py checks that these still match).
+# imported; tests/test_structure.py checks that they still match).
 SHAPES = {
     "tiny": dict(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, block_size=128, micro_batch=16),
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=256, block_size=128, micro_batch=16),

@@ -66,14 +66,14 @@ def parse_stage_args(argv, doc, settings_cls, presets, out_dir, add_flags=None):
     (add_flags(parser)), and one flag per field of its Settings. A settings flag that is not
     given is left out of the namespace (a.given holds those that are), so that a resumed run
     keeps its own values; --help shows each default as the chosen preset sets it."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     pre.add_argument("--preset", default="auto")
     pre.add_argument("--device", default="auto")
-    known, _ = pre.parse_known_args(argv)
     try:
+        known, _ = pre.parse_known_args(argv)
         shown = known.preset if known.preset in presets else preset_for(pick_device(known.device))
-    except UserError:
-        shown = "cpu"  # the run itself reports the bad --device
+    except (argparse.ArgumentError, UserError):
+        shown = "cpu"  # the full parser, or the run itself, reports the mistake
     defaults = {**asdict(settings_cls()), **presets[shown]}
     p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,8 +81,9 @@ def parse_stage_args(argv, doc, settings_cls, presets, out_dir, add_flags=None):
                    help="named values for the settings below (flags override them); auto: gpu "
                         "on a CUDA device, else cpu")
     p.add_argument("--out-dir", default=out_dir, help=f"checkpoint folder (default: {out_dir})")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir: "
-                   "model, optimizer, step, RNG, data position; its settings are kept")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir "
+                   "(model, optimizer, step, RNG, data position) with its saved settings; a "
+                   "setting given as a flag replaces the saved one (the model's shape cannot)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | "
                    "cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16 "
@@ -265,7 +266,8 @@ def wrap_model(model, compile_, proc, block_size):
 
 
 def mean_over_processes(values, proc):
-    """The mean of a tensor over all processes (itself with one): every rank logs the same."""
+    """The mean of a tensor over all processes (itself with one; all-reduced in place with
+    several): every rank logs the same."""
     if proc.world_size > 1:
         dist.all_reduce(values)
         values = values / proc.world_size
@@ -308,7 +310,8 @@ def maybe_compile(model, enabled, example):
         return model
     try:  # a forward and a backward pass, so that both graphs are compiled here
         compiled = torch.compile(model)
-        compiled(example)[0].float().mean().backward()
+        output = compiled(example)
+        (output[0] if isinstance(output, tuple) else output).float().mean().backward()
         model.zero_grad(set_to_none=True)
         return compiled
     except Exception as e:  # noqa: BLE001 - any compiler failure means "run eagerly"
@@ -338,7 +341,8 @@ def resume_training(ckpt, opt, scaler):
     if ckpt is None:
         return 0, None
     opt.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"] and scaler.is_enabled():  # a run saved without fp16 has no loss scale yet
+        scaler.load_state_dict(ckpt["scaler"])
     return ckpt["step"], ckpt.get("val_loss")
 
 
@@ -357,11 +361,9 @@ def optimizer_step(opt, scaler, model, lr, grad_clip):
     for group in opt.param_groups:
         group["lr"] = lr
     scaler.unscale_(opt)
-    params = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # an infinite limit clips nothing (the gradients are multiplied by 1.0) but gives the norm
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                          grad_clip if grad_clip > 0 else math.inf)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
@@ -399,19 +401,24 @@ def check_finite(step, **values):
 def check_weights(model, x, step):
     """Before a checkpoint: the loss checked each step was computed before the update, so make
     sure the updated weights still give finite logits on `x`, or the checkpoint would be bad."""
-    logits, _ = model(x)
-    if not torch.isfinite(logits).all():
+    output = model(x)  # (logits, loss) of a language model, the scores of a scalar head
+    if not torch.isfinite(output[0] if isinstance(output, tuple) else output).all():
         raise FloatingPointError(f"the weights after step {step} give non-finite logits")
 
 
 class SaveClock:
-    """A checkpoint at every evaluation, and between them at least every SAVE_EVERY_SECONDS."""
+    """A checkpoint at every evaluation, and between them at least every SAVE_EVERY_SECONDS.
+    Rank 0's clock decides for every process, so that all of them check the weights together."""
 
-    def __init__(self):
-        self.last = time.time()
+    def __init__(self, proc):
+        self.proc, self.last = proc, time.time()
 
     def due(self, evaluated):
-        return evaluated or time.time() - self.last > SAVE_EVERY_SECONDS
+        due = torch.tensor(int(evaluated or time.time() - self.last > SAVE_EVERY_SECONDS))
+        if self.proc.world_size > 1:
+            due = due.to(self.proc.device)
+            dist.broadcast(due, src=0)
+        return bool(due)
 
     def saved(self):
         self.last = time.time()
@@ -584,6 +591,8 @@ class MetricsLog:
 
     def write(self, **record):
         if self.enabled:
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                      for k, v in record.items()}  # strict JSON: an fp16 overflow's inf norm
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 

@@ -209,7 +209,9 @@ class GPT(nn.Module):
 
         The policy and the reference model of PPO score a sampled answer with this, at the
         temperature it was sampled with (otherwise the ratio and the KL compare two different
-        distributions). Positions in a row's left padding hold meaningless values: mask them."""
+        distributions), and from samples drawn with neither top-k nor top-p (those change the
+        distribution sampled from). Positions in a row's left padding hold meaningless values:
+        mask them."""
         if not temperature > 0:
             raise ValueError(f"temperature {temperature}: log-probs need a temperature above 0")
         logits, _ = self(idx, pad=pad)
@@ -277,8 +279,9 @@ def sample_next(logits, temperature, top_k, top_p, gen):
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # keep the smallest set whose mass reaches top_p: drop a token once the likelier ones
-        # before it already hold top_p (the first token is always kept)
+        # before it already hold top_p; the likeliest token is always kept
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
@@ -316,3 +319,7 @@ class ScalarHeadGPT(GPT):
     def stream(self, *args, **kwargs):
         raise TypeError("a scalar-head model (reward model, critic) scores text; it cannot "
                         "generate")
+
+    def token_logprobs(self, *args, **kwargs):
+        raise TypeError("a scalar-head model (reward model, critic) has no next-token "
+                        "distribution: it gives one score per position")

@@ -120,7 +120,7 @@ def run(a, proc):
               f"{s.batch_size}x{s.block_size} tokens/step, {accum} accumulation step(s)",
               file=sys.stderr)
     step, val = train(a, s, model, tok, train_data, val_data, meta, proc, ckpt)
-    if proc.master and step == s.steps:
+    if proc.master and step >= s.steps:
         final_evaluation(a, s, model, tok, meta, step, val, proc.device)
 
 
@@ -207,8 +207,7 @@ def train(a, s, raw, tok, train_data, val_data, meta, proc, ckpt):
     model = wrap_model(raw, a.compile, proc, T)
     log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"), proc.master,
                      resume_step=step if ckpt is not None else None)
-    clock, stop = SaveClock(), min(s.steps, a.stop_at or s.steps)
-    model.train()
+    clock, stop = SaveClock(proc), min(s.steps, a.stop_at or s.steps)
     # Ctrl-C, a non-finite loss or a failed write stops the run here; launch() says what is saved
     with tqdm(total=stop, initial=step, disable=not proc.master, desc="pretrain",
               dynamic_ncols=True) as bar:

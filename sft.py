@@ -56,8 +56,8 @@ class Settings:
     batch_size: int = setting(32, "conversations per optimizer step, all processes together")
     micro_batch: int = setting(16, "conversations per forward pass per process; the rest of the "
                                    "batch is gradient accumulation")
-    lr: float = setting(5e-4, "peak learning rate: a quarter of pretraining's, to adapt the "
-                              "model without overwriting what it knows")
+    lr: float = setting(5e-4, "peak learning rate, below pretraining's: adapt the model "
+                              "without overwriting what it knows")
     warmup: int = setting(20, "linear warmup steps, then cosine decay to lr/10 (0: none)",
                           nonnegative(int))
     weight_decay: float = setting(0.0, "AdamW decay, matrices only: none, the run is short",
@@ -226,7 +226,7 @@ def run(a, proc):
               file=sys.stderr)
     checksums = dict(chats_checksum=chats_checksum, replay_checksum=replay_checksum)
     step, val = train(a, s, model, tok, train_set, val_set, replay, checksums, proc, ckpt, steps)
-    if proc.master and step == steps:
+    if proc.master and step >= steps:
         sizes = {"val_conversations": len(val_set), "val_left_out_too_long": val_dropped,
                  "train_conversations": len(train_set)}
         final_evaluation(a, s, model, tok, sizes, step, val, proc.device)
@@ -306,18 +306,17 @@ def replay_offsets(step, high, s, accum, proc):
 
 
 def train(a, s, raw, tok, train_set, val_set, replay, checksums, proc, ckpt, steps):
-    """The SFT loop: the masked loss over the assistant tokens of a batch of conversations, plus
-    the next-token loss on a few replayed pretraining sequences, one optimizer step, a held-out
-    loss and a checkpoint now and then. Returns (steps done, last validation loss)."""
-    T, micro_batch = raw.config.block_size, s.micro_batch
-    accum = s.batch_size // (micro_batch * proc.world_size)
+    """The SFT loop: the masked loss on the assistant tokens of a batch of chats, plus the loss
+    on a few replayed pretraining sequences; one optimizer step; held-out loss and checkpoint now
+    and then. Returns (steps done, last validation loss)."""
+    T, micro_batch, accum = raw.config.block_size, s.micro_batch, s.batch_size // (
+        s.micro_batch * proc.world_size)
     opt, scaler = make_optimizer(raw, s.lr, s.weight_decay, proc)
     step, last_val = resume_training(ckpt, opt, scaler)
     model = wrap_model(raw, a.compile, proc, T)
     log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"), proc.master,
                      resume_step=step if ckpt is not None else None)
-    clock, stop = SaveClock(), min(steps, a.stop_at or steps)
-    model.train()
+    clock, stop = SaveClock(proc), min(steps, a.stop_at or steps)
     # Ctrl-C, a non-finite loss or a failed write stops the run here; launch() says what is saved
     with tqdm(total=stop, initial=step, disable=not proc.master, desc="sft",
               dynamic_ncols=True) as bar:
@@ -340,7 +339,7 @@ def train(a, s, raw, tok, train_set, val_set, replay, checksums, proc, ckpt, ste
                     replay_loss = torch.zeros((), device=proc.device)
                     if replay is not None:  # plus the pretraining loss, as in pretrain.py
                         replay_loss = model(*lm_batch(replay, offsets[i], T, proc.device))[1]
-                        replay_loss = replay_loss / accum
+                    replay_loss = replay_loss / accum
                 scaler.scale(sft_loss + replay_loss).backward()
                 losses += torch.stack([sft_loss.detach(), replay_loss.detach()])
             lr = lr_at(step, s.lr, s.warmup, steps)
@@ -348,10 +347,10 @@ def train(a, s, raw, tok, train_set, val_set, replay, checksums, proc, ckpt, ste
             loss, loss_replay = mean_over_processes(losses, proc).tolist()
             check_finite(step, loss=loss, replay_loss=loss_replay)
             step += 1
-            tokens = sum(len(ids) for ids, _ in batch) + s.replay * T
+            tokens = sum(len(ids) for ids, _ in batch) + s.replay * T  # real tokens, no padding
             stats = dict(step=step, loss=round(loss, 4), replay_loss=round(loss_replay, 4), lr=lr,
-                         grad_norm=round(grad_norm, 4),
-                         **throughput(tokens, time.time() - t0, raw.flops_per_token(), proc))
+                         grad_norm=round(grad_norm, 4), **throughput(
+                             tokens, time.time() - t0, raw.flops_per_token(), proc))
             if step % s.eval_every == 0 or step == stop:  # None: no held-out conversation fits
                 held_out = val_loss(raw, val_set, micro_batch, tok, proc)
                 check_finite(step, held_out_loss=held_out)

@@ -29,10 +29,11 @@ def test_half_precision_autocast_trains_on_the_cpu(dtype, small_data, tmp_path):
         assert ckpt["scaler"] == {}
 
 
-def test_compile_trains_the_same_curve(small_data, tmp_path):
+def test_compile_trains_the_same_curve(small_data, tmp_path, capsys):
     args = FAST + ["--data", small_data, "--steps", "4"]
     pretrain.main(args + ["--out-dir", str(tmp_path / "eager")])
     pretrain.main(args + ["--out-dir", str(tmp_path / "compiled"), "--compile"])
+    assert "torch.compile failed" not in capsys.readouterr().err  # it really compiled
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert compiled == pytest.approx(eager, rel=1e-3)
 
@@ -69,3 +70,15 @@ def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_cpu(small_data, tmp_path, mo
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
     assert json.loads((out / "eval.json").read_text())["steps"] == 8
+
+
+def test_a_run_without_fp16_resumes_with_it(small_data, tmp_path):
+    """A bf16 or fp32 checkpoint has no loss scale: resumed in fp16 (a CPU run continued on an
+    older GPU, say), the GradScaler starts afresh."""
+    out = tmp_path / "base"
+    args = FAST + ["--data", small_data, "--out-dir", str(out), "--steps", "6"]
+    pretrain.main(args + ["--stop-at", "3"])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["scaler"] == {}
+    pretrain.main(args + ["--resume", "--dtype", "float16"])
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["scaler"]["scale"] > 0

@@ -165,6 +165,8 @@ def test_scalar_head_starts_from_the_language_models_trunk():
     assert not hasattr(scalar, "lm_head")
     with pytest.raises(TypeError, match="cannot generate"):
         scalar.generate([[1, 2]], 3)
+    with pytest.raises(TypeError, match="no next-token distribution"):
+        scalar.token_logprobs(x)
 
 
 def test_checkpoints_record_their_head_and_load_as_the_right_model(tmp_path):
@@ -190,6 +192,10 @@ def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p():
                         (1.0, {0, 1, 2, 3})):
         drawn = sample_next(logits, 1.0, None, top_p, gen)
         assert set(drawn.tolist()) == kept, top_p
+    # at the boundary: 0.5 is reached by the likeliest token alone, 0.75 by the first two
+    exact = torch.tensor([0.5, 0.25, 0.125, 0.125]).log().expand(4000, 4)  # exact in float32
+    for top_p, kept in ((0.5, {0}), (0.75, {0, 1}), (0.7501, {0, 1, 2}), (1e-9, {0})):
+        assert set(sample_next(exact, 1.0, None, top_p, gen).tolist()) == kept, top_p
     # within the kept set, the original odds are kept (renormalised): 0.5 : 0.3
     drawn = sample_next(logits, 1.0, None, 0.7, gen)
     assert abs((drawn == 1).float().mean().item() - 0.5 / 0.8) < 0.03

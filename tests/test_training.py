@@ -50,6 +50,14 @@ def test_help_shows_the_real_default_of_the_chosen_preset(module, preset, flag, 
     assert "default from the preset" not in text
 
 
+def test_a_mistake_in_the_preset_flags_gets_the_full_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        pretrain.parse_args(["--preset"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--n-layer N_LAYER" in err
+    assert "--preset: expected one argument" in err
+
+
 def test_auto_preset_follows_the_chosen_device_not_the_machine(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with a GPU
     a = pretrain.parse_args(["--device", "cpu"])
