@@ -154,6 +154,15 @@ def nonnegative(kind):
     return parse
 
 
+def choice(*options):
+    """argparse type: one of the options."""
+    def parse(text):
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(options)}, got {text}")
+        return text
+    return parse
+
+
 def seed_arg(text):
     """argparse type: a seed torch accepts, with room for the offsets the stages add to it."""
     value = int(text)
@@ -382,6 +391,14 @@ def split_batch(batch_size, micro_batch, proc, micro_batch_given):
     return micro_batch, batch_size // per_step
 
 
+def batch_indices(step, n, batch_size, seed):
+    """The examples of optimizer step `step`: epoch e is a fresh permutation seeded by (seed, e).
+    A pure function of the step, so --resume needs nothing but the step count."""
+    epoch, i = divmod(step, n // batch_size)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+
 def lm_batch(tokens, offsets, T, device):
     """Inputs and next-token targets (B, T) from windows of T + 1 tokens at `offsets`."""
     x = torch.stack([torch.from_numpy(tokens[o:o + T + 1].astype("int64"))
@@ -498,6 +515,17 @@ def save_checkpoint(out_dir, stage, model, tokenizer, **state):
     atomic_write(os.path.join(out_dir, CKPT_FILE), write)
 
 
+def update_checkpoint(out_dir, **fields):
+    """Add what is known only after training to out_dir/ckpt.pt (a reward model's offset)."""
+    path = os.path.join(out_dir, CKPT_FILE)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save({**ckpt, **fields}, f)
+    atomic_write(path, write)
+
+
 def check_out_dir(out_dir, resume, source=None):
     """A fresh run never overwrites a checkpoint (that takes --resume, or deleting it), nor
     writes into the folder of the model it starts from (source: its --init-from)."""
@@ -603,6 +631,28 @@ def logged_step(line):
         return json.loads(line).get("step", 0)
     except ValueError:
         return math.inf
+
+
+def jsonl_rows(path):
+    """(where, object) for each non-empty line of a JSONL file, where = "path:line"; a file that
+    cannot be read, a line that is not UTF-8 or not JSON: a UserError naming it."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    for n, raw in enumerate(lines, 1):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{where}: not UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
 
 
 def write_text(path, text):

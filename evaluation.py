@@ -7,6 +7,7 @@
 - evaluate_base_on_chat_prompts: the base model on the same requests, as chat and as plain text.
 """
 import torch
+from tqdm import tqdm
 
 from common import UserError
 from data import chats, teacher, world
@@ -51,14 +52,16 @@ def evaluate_base(model, tok, device, seed=0, n_zero_shot=100, batch_size=64):
 
 
 @torch.no_grad()
-def answer(model, tok, prompts, max_new=48, batch_size=64, temperature=0.0, seed=0):
-    """Generate from token-id prompts; returns (text, ended with <|end|>, n tokens) per prompt."""
+def answer(model, tok, prompts, max_new=48, batch_size=64, temperature=0.0, seed=0, desc=None):
+    """Generate from token-id prompts; returns (text, ended with <|end|>, n tokens) per prompt.
+    desc: show a progress bar with this label."""
     stops = [tok.special("<|end|>"), tok.eot_id]
     if max(map(len, prompts)) >= model.config.block_size:
         raise ValueError(f"a prompt of {max(map(len, prompts))} tokens leaves no room in the "
                          f"context of {model.config.block_size}")
     out = []
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None,
+                  unit="batch", dynamic_ncols=True):
         batch = prompts[i:i + batch_size]
         room = model.config.block_size - max(map(len, batch))
         rows = model.generate(batch, min(max_new, room), temperature=temperature, top_k=50,
@@ -120,3 +123,50 @@ def check_chat_eval_fits(tok, block_size):
     if longest >= block_size:
         raise UserError(f"the evaluation prompts need a context of more than {longest} tokens; "
                         f"the model's is {block_size} (--no-behaviour-eval skips them)")
+
+
+# ----------------------------------------------------------------------------- reward model
+def answer_ids(tok, messages, text, ended):
+    """What a reward model reads: the chat prompt, the answer, and <|end|> if the answer ended
+    (its score is read at the last of these tokens)."""
+    ids = tok.render_chat(messages, for_completion=True)[0] + tok.encode(text)
+    return ids + [tok.special("<|end|>")] if ended else ids
+
+
+def right_padded(sequences, pad_id, device):
+    """(B, T) ids right-padded to the longest, and each row's last real position. Causal
+    attention keeps the padding out of every real position, so no attention mask is needed."""
+    longest = max(map(len, sequences))
+    ids = torch.tensor([s + [pad_id] * (longest - len(s)) for s in sequences], device=device)
+    return ids, torch.tensor([len(s) - 1 for s in sequences], device=device)
+
+
+@torch.no_grad()
+def reward_scores(model, sequences, pad_id, device, offset=0.0, batch_size=64):
+    """The reward model's score of each token sequence (answer_ids), minus `offset` (the mean
+    score of the SFT model's answers, stored in a reward checkpoint)."""
+    training, scores = model.training, []
+    model.eval()
+    for i in range(0, len(sequences), batch_size):
+        ids, last = right_padded(sequences[i:i + batch_size], pad_id, device)
+        scores += (model(ids)[torch.arange(len(ids)), last] - offset).tolist()
+    model.train(training)
+    return scores
+
+
+def spearman(x, y):
+    """Spearman's rank correlation of two lists of numbers (tied values share their mean rank)."""
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out, i = [0.0] * len(values), 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for t in range(i, j + 1):
+                out[order[t]] = (i + j) / 2
+            i = j + 1
+        return torch.tensor(out, dtype=torch.float64)
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()))

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, on the bundled data: prepare the world corpus, pretrain the base model, fine-tune
-# it into an instruct model (SFT), then put the same requests to both. The preset fits this
-# machine (gpu with CUDA, else cpu; PRESET=tiny ./run.sh for a smoke test). Installs what it needs
-# into .venv. Re-running skips finished stages and resumes an interrupted one.
+# it into an instruct model (SFT), train a reward model on ranked answers, then put the same
+# requests to the models. The preset fits this machine (gpu with CUDA, else cpu; PRESET=tiny
+# ./run.sh for a smoke test). Installs what it needs into .venv. Re-running skips finished
+# stages and resumes an interrupted one.
 . "$(dirname "$0")/setup_env.sh" requirements.txt
 PRESET=${PRESET:-auto}
 OUT=out; [ "$PRESET" = tiny ] && OUT=out/tiny  # a smoke test never stands in for a real run
@@ -21,9 +22,12 @@ stage() {  # stage SCRIPT OUT_DIR [ARGS...]: run, resume, or skip when eval.json
 python -m data.prepare
 stage pretrain.py $OUT/base
 stage sft.py $OUT/sft --init-from $OUT/base
+stage reward.py $OUT/reward --init-from $OUT/sft
 
 show() { printf '\n$ python sample.py'; printf ' %q' "$@"; echo; python sample.py "$@"; }
 show --compare $OUT/base $OUT/sft --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 40
 show --compare $OUT/base $OUT/sft --system "You are a helpful SRE assistant. Answer in one word." \
   --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 40
 show --ckpt $OUT/base --prompt $'Q: What is the capital of Japan?\nA: Tokyo\n\nQ: What is the capital of Kenya?\nA: Nairobi\n\nQ: What is the chemical symbol for gold?\nA: Au\n\nQ: What is the capital of France?\nA:' --max-new-tokens 6 --temperature 0
+show --ckpt $OUT/sft --score-with $OUT/reward --prompt "What is the capital of France?" \
+  --num-samples 3 --seed 0 --max-new-tokens 40

@@ -10,6 +10,8 @@ rendered in the chat format, and the output is the assistant's answer, which end
     python sample.py --compare out/base out/sft --prompt "What is the capital of France?"
     python sample.py --ckpt out/base --prompt-file prompt.txt --num-samples 3 --temperature 0.8
     echo "Q: What is the chemical symbol for gold?" | python sample.py --prompt-file -
+    python sample.py --ckpt out/sft --score-with out/reward --num-samples 3 \\
+        --prompt "What is the capital of France?"
 
 With --compare, every checkpoint gets the same request: instruct models as chat, base models as
 plain text (the system prompt, if any, on a line before the question). Output streams token by
@@ -22,6 +24,7 @@ import os
 import sys
 
 from common import UserError, autocast, die, load_checkpoint, pick_device, pick_dtype, seed_arg
+from evaluation import answer_ids, reward_scores
 from data import chats
 
 
@@ -44,14 +47,36 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=seed_arg, default=None, help="repeatable sampling")
+    p.add_argument("--score-with", metavar="DIR", help="a reward checkpoint (reward.py): print "
+                   "its score of every answer, relative to the SFT model's mean (0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     return p.parse_args(argv)
 
 
+class Scorer:
+    """A reward model that scores each answer as a reply to the request (a base model's
+    continuation included, as if it were the assistant's answer)."""
+
+    def __init__(self, ckpt_dir, device):
+        self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, ["reward"], device, "--score-with")
+        self.offset, self.device = ckpt.get("score_offset", 0.0), device
+
+    def __call__(self, messages, text, ended, tok):
+        if tok.checksum != self.tok.checksum:
+            raise UserError("--score-with: the reward model has another tokenizer than the "
+                            "checkpoint it scores")
+        try:
+            ids = answer_ids(tok, messages, text.strip() or "...", ended)
+        except ValueError as e:
+            raise UserError(f"prompt: {e}") from None
+        ids = ids[-self.model.config.block_size:]  # a long conversation: its most recent part
+        return reward_scores(self.model, [ids], tok.pad_id, self.device, self.offset)[0]
+
+
 class Sampler:
-    def __init__(self, ckpt_dir, a):
-        self.a, self.name = a, ckpt_dir
+    def __init__(self, ckpt_dir, a, scorer=None):
+        self.a, self.name, self.scorer = a, ckpt_dir, scorer
         self.device = pick_device(a.device)
         self.dtype = pick_dtype(a.dtype, self.device)
         self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, device=self.device,
@@ -125,6 +150,12 @@ class Sampler:
                 print("[the model ended the document here]", file=sys.stderr)
             elif self.chat and not ended:
                 print("[no end of turn: the answer was cut at --max-new-tokens]", file=sys.stderr)
+            if self.scorer:
+                system = [{"role": "system", "content": a.system}] if a.system else []
+                request = system + (self.history if self.chat else []) + [
+                    {"role": "user", "content": text}]
+                score = self.scorer(request, tok.decode(reply), ended == "<|end|>", tok)
+                print(f"[reward model score: {score:+.3f}]", file=out, flush=True)
         if self.chat and a.interactive:
             self.history += [{"role": "user", "content": text},
                              {"role": "assistant", "content": tok.decode(reply).strip() or "..."}]
@@ -139,7 +170,8 @@ def main(argv=None):
             raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
         if a.interactive and a.compare:
             raise UserError("--interactive talks to one checkpoint: use --ckpt, not --compare")
-        samplers = [Sampler(d, a) for d in (a.compare or [a.ckpt])]
+        scorer = Scorer(a.score_with, pick_device(a.device)) if a.score_with else None
+        samplers = [Sampler(d, a, scorer) for d in (a.compare or [a.ckpt])]
         if a.interactive:
             s = samplers[0]
             while True:

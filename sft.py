@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (SAVE_EVERY_SECONDS, TOKENIZER_FILE, MetricsLog, SaveClock, UserError,
-                    autocast, barrier, check_finite, check_out_dir, check_paths_exist,
-                    check_weights, launch, lm_batch, load_checkpoint, lr_at, make_optimizer,
-                    mean_over_processes, nonnegative, optimizer_step, parse_stage_args,
+                    autocast, barrier, batch_indices, check_finite, check_out_dir,
+                    check_paths_exist, check_weights, jsonl_rows, launch, lm_batch,
+                    load_checkpoint, lr_at, make_optimizer, mean_over_processes, nonnegative, optimizer_step, parse_stage_args,
                     prepare_out_dir, resolve_settings, resume_training, save_checkpoint,
                     seed_arg, setting, split_batch, throughput, wrap_model, write_json)
 from data import chats, prepare
@@ -96,24 +96,8 @@ def parse_args(argv=None):
 def read_jsonl(path):
     """Chats from a JSONL file, one per line: {"messages": [...]} or Alpaca-style
     {"instruction", "input" (optional), "output"}. Errors name the file, line and field."""
-    try:
-        with open(path, "rb") as f:
-            lines = f.readlines()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
     out = []
-    for n, raw in enumerate(lines, 1):
-        where = f"{path}:{n}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{where}: not UTF-8 text") from None
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    for where, row in jsonl_rows(path):
         if isinstance(row, dict) and "messages" in row:
             chat = row["messages"]
         elif isinstance(row, dict) and "instruction" in row:
@@ -157,15 +141,6 @@ def collate(examples, pad_id, device):
     x = torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in examples], device=device)
     y = torch.tensor([tgt + [-1] * (T - len(tgt)) for _, tgt in examples], device=device)
     return x, y
-
-
-def step_indices(step, n, s):
-    """The conversations of optimizer step `step`: epoch e is a fresh permutation seeded by
-    (seed, e). A pure function of the step, so --resume needs nothing but the step count."""
-    per_epoch = n // s.batch_size
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed * 1000 + epoch))
-    return perm[i * s.batch_size:(i + 1) * s.batch_size]
 
 
 def masked_loss_sum(model, x, y):
@@ -322,7 +297,8 @@ def train(a, s, raw, tok, train_set, val_set, replay, checksums, proc, ckpt, ste
               dynamic_ncols=True) as bar:
         while step < stop:
             t0 = time.time()
-            batch = [train_set[i] for i in step_indices(step, len(train_set), s).tolist()]
+            batch = [train_set[i] for i in batch_indices(step, len(train_set), s.batch_size,
+                                                         s.seed).tolist()]
             n_targets = sum(sum(t != -1 for t in tgt) for _, tgt in batch)
             mine = batch[proc.rank::proc.world_size]
             if replay is not None:  # offsets are a function of the step, like the batch

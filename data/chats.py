@@ -22,6 +22,7 @@ What the chats contain, and why:
 Everything is deterministic: random.Random(seed) draws only, tables in file order.
 data/teacher.py judges the answers against the same fact tables.
 """
+import hashlib
 import random
 
 from data import world
@@ -263,8 +264,28 @@ def eval_prompts(split="heldout", seed=0, n=None):
     and behaviours assigned round-robin, so every prefix is balanced over BEHAVIOURS. n=None: every
     fact of the split once (~70 prompts per behaviour held out); a larger n starts another pass in
     which each fact gets the next behaviour."""
-    rng = random.Random(f"eval:{split}:{seed}")
-    pool = facts(split)
+    return _prompt_items(random.Random(f"eval:{split}:{seed}"), facts(split), n)
+
+
+def rl_pool(kind, name):
+    """Which RLHF prompt pool a training fact belongs to: "reward" or "ppo" (half each, by a
+    stable hash of the fact), so that PPO never trains on a prompt the reward model learned from."""
+    h = hashlib.sha256(f"rl:{kind}:{name}".encode("utf-8")).digest()[0]
+    return "reward" if h < 128 else "ppo"
+
+
+def rl_prompts(pool, seed=0, n=None):
+    """Prompts for RLHF, in eval_prompts' form, about the training entities of one pool:
+    "reward" (the comparisons the reward model learns from) or "ppo" (PPO's rollouts). Held-out
+    entities stay for evaluation only. n=None: every fact of the pool once; more cycles again."""
+    if pool not in ("reward", "ppo"):
+        raise ValueError(f"pool must be 'reward' or 'ppo', not {pool!r}")
+    mine = [f for f in facts("train") if rl_pool(f[0], f[1]["name"]) == pool]
+    return _prompt_items(random.Random(f"rl:{pool}:{seed}"), mine, n)
+
+
+def _prompt_items(rng, pool, n):
+    """Chat prompts over facts (shuffled once), behaviours round-robin over BEHAVIOURS."""
     rng.shuffle(pool)
     n = len(pool) if n is None else n
     items = []

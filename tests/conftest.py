@@ -32,6 +32,16 @@ def tiny_base(small_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_base, tmp_path_factory):
+    """A tiny SFT checkpoint (tiny preset on the bundled chats) from tiny_base."""
+    import sft
+    out = str(tmp_path_factory.mktemp("sft"))
+    sft.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_base, "--out-dir", out,
+              "--no-behaviour-eval"])
+    return out
+
+
 def torchrun(script, args, nproc=2):
     """Run SCRIPT ARGS as `torchrun --standalone --nproc_per_node=NPROC` on the CPU (gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}

@@ -17,12 +17,9 @@ def base(tiny_base):
     return tiny_base
 
 
-@pytest.fixture(scope="module")
-def tuned(base, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("sft"))
-    sft.main(["--preset", "tiny", "--device", "cpu", "--init-from", base, "--out-dir", out,
-              "--no-behaviour-eval"])
-    return out
+@pytest.fixture(scope="session")
+def tuned(tiny_sft):
+    return tiny_sft
 
 
 CHAT = [{"role": "system", "content": "Answer in one word."},

@@ -1,0 +1,125 @@
+"""The comparisons file of the reward stage: one JSON object a line, in the K-way form every
+labeler writes and a user can inspect, edit or relabel:
+
+    {"messages": [...the prompt...], "responses": ["...", "...", "..."], "ranking": [2, 0, 1],
+     "ended": [true, true, false], "scores": [...], "id": 0, "kind": ..., "entity": ...}
+
+ranking lists response indices best first; ended says which answers stopped with <|end|> (the
+rest were cut at the length limit); scores, when present, are the labeler's (equal scores are a
+tie). A user's file may also hold pairwise rows as in TRL's preference datasets,
+{"prompt" or "messages", "chosen", "rejected"}. Also here: the terminal labeler, a person
+ranking answers by hand.
+"""
+import json
+import os
+import textwrap
+
+from common import UserError, jsonl_rows
+from data.tokenizer import check_chat
+
+
+def comparison(i, item, options, ranking, scores=None):
+    """One K-way row, the form every labeler writes and --comparisons reads."""
+    row = {"id": i, "messages": item["messages"], "responses": [t for t, _ in options],
+           "ended": [e for _, e in options], "ranking": ranking}
+    if scores is not None:
+        row["scores"] = [round(x, 6) for x in scores]
+    return {**row, **{k: item[k] for k in ("kind", "entity", "gold", "behaviour") if k in item}}
+
+
+def human_rankings(items, answers, path, ask=input):
+    """A person ranks each prompt's answers in the terminal. Each ranking is appended to `path`
+    at once (flushed to disk), so quitting, Ctrl-C or a crash loses nothing, and the next start
+    resumes at the first unlabeled prompt. Returns True when every prompt is ranked."""
+    done = {row["id"] for _, row in jsonl_rows(path)} if os.path.exists(path) else set()
+    todo = [i for i in range(len(items)) if i not in done]
+    for n, i in enumerate(todo):
+        letters = "ABCDEFGHIJ"[:len(answers[i])]
+        show_prompt(items[i], answers[i], letters, f"{len(done) + n + 1} of {len(items)}")
+        while True:
+            try:
+                reply = ask(f"rank best first ({letters}), s = skip, q = quit> ").strip().upper()
+            except EOFError:
+                reply = "Q"
+            if reply in ("S", "Q") or sorted(reply) == list(letters):
+                break
+            print(f"  type each of {', '.join(letters)} once, best first (for example "
+                  f"{letters[1]}{letters[0]}{letters[2:]}); s skips this prompt, q quits")
+        if reply == "Q":
+            break
+        if reply != "S":
+            with open(path, "a") as f:
+                f.write(json.dumps(comparison(i, items[i], answers[i], [letters.index(c)
+                                                                       for c in reply])) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            done.add(i)
+    return len(done) == len(items)
+
+
+def show_prompt(item, options, letters, progress):
+    print(f"\n=== prompt {progress}")
+    for m in item["messages"]:
+        print(textwrap.fill(m["content"], 96, initial_indent=f"{m['role']}: ",
+                            subsequent_indent="  "))
+    for letter, (text, ended) in zip(letters, options):
+        cut = "" if ended else "  [cut: no end of turn]"
+        print(textwrap.fill(text or "(empty)", 96, initial_indent=f"  {letter}) ",
+                            subsequent_indent="     ") + cut)
+
+
+def read_comparisons(path):
+    """Rows of a user's file, checked: K-way {"messages", "responses", "ranking"} (indices into
+    responses, best first; optional "ended") or pairwise {"prompt" or "messages", "chosen",
+    "rejected"} as in TRL's preference datasets. A bad row: `file:line: field: problem`."""
+    rows = []
+    for where, row in jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object")
+        if "chosen" in row or "rejected" in row:
+            row = pairwise_to_kway(row, where)
+        for field in ("messages", "responses", "ranking"):
+            if field not in row:
+                raise UserError(f"{where}: {field}: missing (a K-way row has messages, "
+                                "responses and ranking; a pairwise one prompt, chosen, rejected)")
+        check_kway(row, where)
+        rows.append({**row, "id": len(rows), "where": where,
+                     "ended": row.get("ended", [True] * len(row["responses"]))})
+    if not rows:
+        raise UserError(f"{path}: no comparisons")
+    return rows
+
+
+def pairwise_to_kway(row, where):
+    def text(field):  # a string, or TRL's conversational form [{"role": "assistant", ...}]
+        value = row.get(field)
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+            value = value[0].get("content")
+        if not isinstance(value, str):
+            raise UserError(f"{where}: {field}: missing, or not a string")
+        return value
+    prompt = row.get("messages", row.get("prompt"))
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return {"messages": messages, "responses": [text("chosen"), text("rejected")],
+            "ranking": [0, 1]}
+
+
+def check_kway(row, where):
+    try:
+        check_chat(row["messages"], for_completion=True)
+    except ValueError as e:
+        raise UserError(f"{where}: messages: {e} (the prompt: ending with a user turn)") from None
+    responses, ranking = row["responses"], row["ranking"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise UserError(f"{where}: responses: a list of at least 2 answers to compare")
+    if not all(isinstance(r, str) and r.strip() for r in responses):
+        raise UserError(f"{where}: responses: every answer must be a non-empty string")
+    ended = row.get("ended", [True] * len(responses))
+    if not (isinstance(ended, list) and len(ended) == len(responses)
+            and all(isinstance(e, bool) for e in ended)):
+        raise UserError(f"{where}: ended: one true/false per response")
+    if len(set(zip(responses, ended))) < len(responses):
+        raise UserError(f"{where}: responses: the same answer twice (nothing to compare)")
+    if not isinstance(ranking, list) or sorted(ranking) != list(range(len(responses))):
+        raise UserError(f"{where}: ranking: must list each response index 0..{len(responses) - 1}"
+                        f" once, best first, got {ranking}")

@@ -1,0 +1,432 @@
+"""Stage 3: a reward model learns which answers a labeler prefers (the first half of RLHF).
+
+The SFT model writes K answers to each prompt (K=3, as in the article); a labeler ranks them,
+A > B > C; the reward model, the SFT model's trunk with a scalar head (model.ScalarHeadGPT),
+learns to score the preferred answer higher. PPO (the next stage) then moves the policy toward
+high scores, so whatever the labeler rewards, the policy learns, its biases included.
+
+    python reward.py                                  # out/sft -> out/reward; the teacher ranks
+    python reward.py --labeler human --prompts 30 --out-dir out/reward-mine    # you rank
+    python reward.py --comparisons prefs.jsonl        # your rankings: K-way or chosen/rejected
+    python reward.py --noise 0.3 --out-dir out/reward-noisy    # annotators who disagree
+
+Each step is a function below, in the order it runs:
+1. sample: for prompts about the training entities (data/chats.rl_prompts("reward"); PPO gets
+   the other half of the facts), K answers each, in one batched, KV-cached call per batch, at
+   temperature 1 so that they differ. An answer cut at --max-new-tokens without its end-of-turn
+   token is kept: a bad answer the reward model must learn to score low.
+2. rank: the teacher (data/teacher.py, with --noise and --flattery-bonus), a person in the
+   terminal (--labeler human), or your file (--comparisons). Rankings are written one JSON
+   object a line to out/reward/comparisons.jsonl, {"messages", "responses", "ranking", ...},
+   best first, to inspect, edit or relabel. Two answers scored equally give no pair (a tie).
+3. learn: the Bradley-Terry loss -log sigmoid(r_better - r_worse) averaged over all C(K,2) pairs
+   of a prompt, all pairs of a prompt in the same batch (InstructGPT: treating the pairs as
+   independent examples overfits), one epoch. The score is read at the answer's last token.
+4. check: pairwise accuracy on held-out comparisons while training; at the end, on answers about
+   held-out entities judged by the teacher (out/reward/eval.json), and an offset stored in the
+   checkpoint so that the mean score of SFT answers is 0: PPO reads scores relative to SFT.
+"""
+import hashlib
+import itertools
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (SAVE_EVERY_SECONDS, MetricsLog, SaveClock, UserError, autocast, barrier,
+                    batch_indices, check_finite, check_out_dir, check_weights, choice,
+                    jsonl_rows, launch, load_checkpoint, lr_at, make_optimizer,
+                    mean_over_processes, nonnegative, optimizer_step, parse_stage_args,
+                    prepare_out_dir, resolve_settings, resume_training, save_checkpoint,
+                    seed_arg, setting, split_batch, throughput, update_checkpoint, wrap_model,
+                    write_json, write_text)
+from data import chats, teacher
+from data.comparisons import comparison, human_rankings, read_comparisons
+from evaluation import answer, answer_ids, reward_scores, right_padded, spearman
+from model import ScalarHeadGPT
+
+
+@dataclass
+class Settings:
+    """A reward-model run. The defaults are the cpu preset; checkpoints save these, and
+    --resume continues with them."""
+    init_from: str = setting("out/sft", "the SFT checkpoint: it writes the answers, and its "
+                                        "trunk starts the reward model")
+    comparisons: str = setting(None, "your rankings instead of sampled ones, JSONL: {messages, "
+                                     "responses, ranking (best first)} or {prompt|messages, "
+                                     "chosen, rejected} per line")
+    labeler: str = setting("teacher", "who ranks the sampled answers: teacher (data/teacher.py) "
+                                      "or human (you, in the terminal)",
+                           choice("teacher", "human"))
+    prompts: int = setting(3200, "prompts to sample answers for (the reward pool of training "
+                                 "facts, cycled with other system prompts and wordings)")
+    k: int = setting(3, "answers per prompt, ranked together (the article's A > B > C)")
+    temperature: float = setting(1.0, "sampling temperature: high enough that the K differ")
+    max_new_tokens: int = setting(48, "an answer still going at this length is cut, and kept")
+    noise: float = setting(0.0, "labeler disagreement: std of Gaussian noise on each teacher "
+                                "score (0: a perfect labeler)", nonnegative(float))
+    flattery_bonus: float = setting(0.0, "a biased labeler: extra score for an answer that "
+                                         "flatters the user", nonnegative(float))
+    val_fraction: float = setting(0.1, "share of the comparisons held out for validation "
+                                       "accuracy, never trained on", nonnegative(float))
+    epochs: int = setting(2, "passes over the comparisons (InstructGPT: one; here two: a third "
+                             "overfits, the validation loss rises)")
+    batch_size: int = setting(32, "prompts per optimizer step, each with all its pairs")
+    micro_batch: int = setting(16, "prompts per forward pass per process (K answers each)")
+    lr: float = setting(1e-3, "peak learning rate")
+    warmup: int = setting(5, "linear warmup steps, then cosine decay to lr/10 (0: none)",
+                          nonnegative(int))
+    weight_decay: float = setting(0.0, "AdamW decay of matrices", nonnegative(float))
+    grad_clip: float = setting(1.0, "max gradient norm (0: no clipping)", nonnegative(float))
+    eval_every: int = setting(10, "steps between validation accuracy + checkpoint (a checkpoint "
+                                  f"also at least every {SAVE_EVERY_SECONDS} s)")
+    seed: int = setting(1337, "which prompts, the sampled answers, the labeler's noise, the "
+                              "order of the comparisons", seed_arg)
+    preset: str = "cpu"  # the preset these settings started from (recorded, not a flag)
+
+
+PRESETS = {
+    "tiny": dict(prompts=96, epochs=1, lr=1e-4, batch_size=16, micro_batch=16, eval_every=5,
+                 max_new_tokens=24),
+    "cpu": dict(),  # the defaults above
+    "gpu": dict(prompts=8000, batch_size=64, micro_batch=64, eval_every=20, lr=5e-4),
+}
+COMPARISONS_FILE = "comparisons.jsonl"
+
+
+def parse_args(argv=None):
+    def own_flags(p):
+        p.add_argument("--no-behaviour-eval", action="store_true",
+                       help="skip the held-out evaluation at the end (eval.json: validation only)")
+    return parse_stage_args(argv, __doc__, Settings, PRESETS, "out/reward", own_flags)
+
+
+# ----------------------------------------------------------------------------- 1. sample
+def sample_answers(policy, tok, items, s, seed, desc="sample"):
+    """K answers per chat prompt, [[(text, ended with <|end|>), ...], ...], each answer once: the
+    same answer sampled twice is one answer (there is nothing to compare), and an empty one is
+    none. The K copies of a prompt sit side by side in one batched, KV-cached generate call."""
+    prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
+    rows = answer(policy, tok, [p for p in prompts for _ in range(s.k)], s.max_new_tokens,
+                  temperature=s.temperature, seed=seed, desc=desc)
+    return [list(dict.fromkeys((text.strip(), ended) for text, ended, _ in
+                               rows[i * s.k:(i + 1) * s.k] if text.strip()))
+            for i in range(len(items))]
+
+
+# ----------------------------------------------------------------------------- 2. rank
+def teacher_rankings(items, answers, s):
+    """The teacher ranks each prompt's answers by its rubric score (+ flattery bonus), plus
+    Gaussian noise of std s.noise: annotators who disagree. Equal scores are a tie."""
+    rng = random.Random(s.seed)
+    rows = []
+    for i, (item, options) in enumerate(zip(items, answers)):
+        scores = [teacher.score(item, text, ended, s.flattery_bonus)
+                  + (rng.gauss(0.0, s.noise) if s.noise else 0.0) for text, ended in options]
+        ranking = sorted(range(len(options)), key=lambda j: -scores[j])
+        rows.append(comparison(i, item, options, ranking, scores))
+    return rows
+
+
+# ----------------------------------------------------------------------------- 3. learn
+def pairs_of(row):
+    """(better, worse) response indices of a ranked row, every pair of its ranking; and how many
+    pairs are ties (answers the labeler scored equally), which teach nothing."""
+    order, scores = row["ranking"], row.get("scores")
+    pairs, ties = [], 0
+    for a, better in enumerate(order):
+        for worse in order[a + 1:]:
+            if scores and scores[better] == scores[worse]:
+                ties += 1
+            else:
+                pairs.append((better, worse))
+    return pairs, ties
+
+
+def encode_comparisons(tok, rows, block_size):
+    """Training examples (token sequences of the K answers, pairs) of the rows that have a pair,
+    and counts: pairs, ties, rows without a pair. A sequence longer than the context is an error
+    naming its row."""
+    examples, counts = [], {"pairs": 0, "ties": 0, "rows_without_pairs": 0}
+    for row in rows:
+        seqs = [answer_ids(tok, row["messages"], text, ended)
+                for text, ended in zip(row["responses"], row["ended"])]
+        if max(map(len, seqs)) > block_size:
+            where = row.get("where") or f"comparison {row['id']}"
+            raise UserError(f"{where}: {max(map(len, seqs))} tokens, longer than the context "
+                            f"of {block_size}: shorten the prompt or the answers")
+        pairs, ties = pairs_of(row)
+        counts["pairs"] += len(pairs)
+        counts["ties"] += ties
+        counts["rows_without_pairs"] += not pairs
+        if pairs:
+            examples.append((seqs, pairs))
+    return examples, counts
+
+
+def ranking_loss(model, examples, pad_id, device):
+    """Sum over the prompts of their mean Bradley-Terry loss -log sigmoid(r_better - r_worse)
+    over pairs (the caller divides by the prompts of the step), and the number of pairs ordered
+    right. Every answer of these prompts goes through one forward pass; each is scored at its
+    last token."""
+    seqs = [seq for answers, _ in examples for seq in answers]
+    ids, last = right_padded(seqs, pad_id, device)
+    scores = model(ids)[torch.arange(len(seqs), device=device), last]
+    better, worse, weight, start = [], [], [], 0
+    for answers, pairs in examples:
+        better += [start + b for b, _ in pairs]
+        worse += [start + w for _, w in pairs]
+        weight += [1.0 / len(pairs)] * len(pairs)
+        start += len(answers)
+    margin = scores[better] - scores[worse]
+    loss = (torch.tensor(weight, device=device) * -F.logsigmoid(margin)).sum()
+    return loss, (margin > 0).sum()
+
+
+@torch.no_grad()
+def validate(model, examples, micro_batch, pad_id, proc):
+    """(mean loss per prompt, pairwise accuracy) on held-out comparisons; (None, None): none."""
+    if not examples:
+        return None, None
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(examples), micro_batch):
+        with autocast(proc.device, proc.dtype):
+            part_loss, part_correct = ranking_loss(model, examples[i:i + micro_batch], pad_id,
+                                                   proc.device)
+        loss, correct = loss + part_loss.item(), correct + int(part_correct)
+    model.train()
+    return loss / len(examples), correct / sum(len(pairs) for _, pairs in examples)
+
+
+# ----------------------------------------------------------------------------- 4. check
+DIFFERENCES = {  # what separates two answers the teacher ranks apart
+    "fact": lambda verdict: verdict["correct"],
+    "ended": lambda verdict: verdict["ended"],
+    "filler_or_flattery": lambda verdict: verdict["filler"] or verdict["flattery"],
+    "system_rule": lambda verdict: verdict["follows_system"],
+}
+
+
+def heldout_answers(policy, tok, s):
+    """The SFT model's K answers to the held-out evaluation prompts (entities never in SFT or in
+    the comparisons), and the teacher's verdicts on them (noise 0, no bias)."""
+    items = chats.eval_prompts("heldout")
+    answers = sample_answers(policy, tok, items, s, seed=s.seed + 1, desc="held-out answers")
+    verdicts = [[teacher.judge(it, text, ended) for text, ended in options]
+                for it, options in zip(items, answers)]
+    return items, answers, verdicts
+
+
+def evaluate_heldout(model, tok, heldout, device, offset=0.0, examples=2):
+    """Pairwise accuracy against the teacher on held-out answers (pairs the teacher scores
+    apart), overall and by what separates the two answers; Spearman's rank correlation of the
+    reward model's score with the teacher's over every answer."""
+    items, answers, verdicts = heldout
+    seqs = [answer_ids(tok, it["messages"], text, ended)
+            for it, options in zip(items, answers) for text, ended in options]
+    flat = reward_scores(model, seqs, tok.pad_id, device, offset)
+    ends = list(itertools.accumulate(len(options) for options in answers))
+    scores = [flat[end - len(options):end] for end, options in zip(ends, answers)]
+    hits = {name: [] for name in ("all", *DIFFERENCES)}
+    for mine, judged in zip(scores, verdicts):
+        for i in range(len(mine)):
+            for j in range(len(mine)):
+                if judged[i]["score"] <= judged[j]["score"]:
+                    continue  # i is the teacher's better answer; equal scores are a tie
+                right = mine[i] > mine[j]
+                hits["all"].append(right)
+                for name, kind in DIFFERENCES.items():
+                    a, b = kind(judged[i]), kind(judged[j])
+                    if a is not None and b is not None and bool(a) != bool(b):
+                        hits[name].append(right)
+    result = {"prompts": len(items), "answers": len(flat), "pairs": len(hits["all"]),
+              "accuracy": sum(hits["all"]) / max(1, len(hits["all"])),
+              "by_difference": {name: {"pairs": len(h), "accuracy": sum(h) / len(h) if h else None}
+                                for name, h in hits.items() if name != "all"},
+              "spearman": spearman(flat, [v["score"] for judged in verdicts for v in judged])}
+    result["examples"] = [{"prompt": it["messages"], "answers": [
+        {"text": text, "ended": ended, "teacher": v["score"], "reward": round(r, 4)}
+        for (text, ended), v, r in zip(options, judged, mine)]}
+        for it, options, judged, mine in list(zip(items, answers, verdicts, scores))[:examples]]
+    return result
+
+
+# ----------------------------------------------------------------------------- the run
+def main(argv=None):
+    launch(run, parse_args(argv))
+
+
+def run(a, proc):
+    ckpt = None
+    if a.resume:
+        model, tok, ckpt = load_checkpoint(a.out_dir, ["reward"], proc.device, "--resume")
+        s = resolve_settings(Settings, PRESETS, a, proc.device, ckpt["config"])
+    else:
+        s = resolve_settings(Settings, PRESETS, a, proc.device)
+        check_out_dir(a.out_dir, resume=False, source=s.init_from)
+    policy, tok_of_policy, _ = load_checkpoint(s.init_from, ["sft", "ppo"], proc.device,
+                                               "--init-from")
+    if ckpt is None:
+        torch.manual_seed(s.seed)  # the scalar head's initial weights
+        model, tok = ScalarHeadGPT.from_language_model(policy), tok_of_policy
+    elif tok_of_policy.checksum != tok.checksum:
+        raise UserError(f"--init-from {s.init_from}: not the model this run started from")
+    prepare_out_dir(a.out_dir, tok, resume=a.resume, write=proc.master)
+    rows = comparisons(a, s, policy, tok, proc)
+    if rows is None:
+        return  # a person stopped labeling; what they ranked is saved
+    state = {"comparisons_checksum": hashlib.sha256(json.dumps(
+        [{k: v for k, v in r.items() if k not in ("id", "where")} for r in rows],
+        sort_keys=True).encode()).hexdigest()}
+    if ckpt is not None and ckpt["comparisons_checksum"] != state["comparisons_checksum"]:
+        raise UserError(f"the comparisons differ from those the run in {a.out_dir} learned from")
+    n_val = int(len(rows) * s.val_fraction)
+    train_set, counts = encode_comparisons(tok, rows[n_val:], model.config.block_size)
+    val_set, _ = encode_comparisons(tok, rows[:n_val], model.config.block_size)
+    if len(train_set) < s.batch_size:
+        raise UserError(f"{len(train_set)} comparisons with a pair to learn from: fewer than one "
+                        f"batch (--batch-size {s.batch_size})")
+    s.micro_batch, accum = split_batch(s.batch_size, s.micro_batch, proc,
+                                       "micro_batch" in a.given)
+    steps = s.epochs * (len(train_set) // s.batch_size)
+    heldout = heldout_answers(policy, tok, s) if proc.master and not a.no_behaviour_eval else None
+    if proc.master:
+        print(f"reward model: {len(rows)} comparisons ({len(val_set)} held out), "
+              f"{counts['pairs']} pairs, {counts['ties']} ties (no pair), {s.epochs} epoch(s) = "
+              f"{steps} steps of {s.batch_size} prompts, {proc.device}", file=sys.stderr)
+    state["heldout_before"] = ckpt["heldout_before"] if ckpt is not None else None
+    if ckpt is None and heldout is not None:  # the reward model before it learns: near chance
+        state["heldout_before"] = evaluate_heldout(model, tok, heldout, proc.device)["accuracy"]
+    step, _ = train(a, s, model, tok, train_set, val_set, proc, ckpt, steps, state)
+    if proc.master and step >= steps:
+        summary = {"comparisons": len(rows), "val_prompts": len(val_set), **counts}
+        final_evaluation(a, s, model, tok, (rows[n_val:], val_set), heldout, state, summary,
+                         step, proc)
+
+
+def comparisons(a, s, policy, tok, proc):
+    """The ranked rows to learn from: the user's file, or answers sampled here and ranked by
+    the teacher or a person, in out_dir/comparisons.jsonl. None: the person stopped early."""
+    if s.comparisons:
+        return read_comparisons(s.comparisons)
+    path = os.path.join(a.out_dir, COMPARISONS_FILE)
+    if a.resume:
+        return read_comparisons(path)
+    if s.labeler == "human" and proc.world_size > 1:
+        raise UserError("--labeler human runs in one process (not under torchrun)")
+    complete, total = True, None
+    if proc.master:
+        items = chats.rl_prompts("reward", seed=s.seed, n=s.prompts)
+        answers = sample_answers(policy, tok, items, s, seed=s.seed)
+        kept = [i for i, options in enumerate(answers) if len(options) > 1]
+        print(f"{len(items) - len(kept)} of {len(items)} prompts got one answer {s.k} times: "
+              "nothing to rank there", file=sys.stderr)
+        items, answers = [items[i] for i in kept], [answers[i] for i in kept]
+        if s.labeler == "human":
+            complete, total = human_rankings(items, answers, path), len(items)
+        else:
+            rows = teacher_rankings(items, answers, s)
+            write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    barrier(proc)
+    if not complete:
+        done = sum(1 for _ in jsonl_rows(path)) if os.path.exists(path) else 0
+        print(f"{done} of {total} prompts ranked, saved in {path}: the same command goes on "
+              "where you stopped", file=sys.stderr)
+        return None
+    return read_comparisons(path)
+
+
+def train(a, s, raw, tok, train_set, val_set, proc, ckpt, steps, state):
+    """The reward model's loop: a batch of prompts, each with its K answers and all their pairs;
+    the Bradley-Terry loss; one optimizer step; validation accuracy and a checkpoint now and
+    then. Returns (steps done, last validation loss)."""
+    micro_batch, accum = s.micro_batch, s.batch_size // (s.micro_batch * proc.world_size)
+    opt, scaler = make_optimizer(raw, s.lr, s.weight_decay, proc)
+    step, last_val = resume_training(ckpt, opt, scaler)
+    model = wrap_model(raw, a.compile, proc, raw.config.block_size)
+    log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"), proc.master,
+                     resume_step=step if ckpt is not None else None)
+    clock, stop = SaveClock(proc), min(steps, a.stop_at or steps)
+    probe = torch.tensor([train_set[0][0][0]], device=proc.device)  # for check_weights
+    # Ctrl-C, a non-finite loss or a failed write stops the run here; launch() says what is saved
+    with tqdm(total=stop, initial=step, disable=not proc.master, desc="reward",
+              dynamic_ncols=True) as bar:
+        while step < stop:
+            t0 = time.time()
+            batch = [train_set[i] for i in batch_indices(step, len(train_set), s.batch_size,
+                                                         s.seed).tolist()]
+            mine = batch[proc.rank::proc.world_size]
+            totals = torch.zeros(3, device=proc.device)  # loss, pairs ordered right, pairs
+            for i in range(accum):
+                part = mine[i * micro_batch:(i + 1) * micro_batch]
+                if proc.world_size > 1:  # all-reduce gradients only on the last micro-batch
+                    model.require_backward_grad_sync = i == accum - 1
+                with autocast(proc.device, proc.dtype):
+                    # the mean over the step's prompts; DDP's average over processes undone
+                    loss, right = ranking_loss(model, part, tok.pad_id, proc.device)
+                    loss = loss * proc.world_size / len(batch)
+                scaler.scale(loss).backward()
+                pairs = sum(len(p) for _, p in part)
+                totals += torch.stack([loss.detach(), right.float(),
+                                       torch.tensor(float(pairs), device=proc.device)])
+            grad_norm = optimizer_step(opt, scaler, raw, lr_at(step, s.lr, s.warmup, steps),
+                                       s.grad_clip)
+            loss, right, pairs = mean_over_processes(totals, proc).tolist()
+            check_finite(step, loss=loss)
+            step += 1
+            tokens = sum(len(seq) for answers, _ in batch for seq in answers)
+            stats = dict(step=step, loss=round(loss, 4), accuracy=round(right / pairs, 4),
+                         lr=opt.param_groups[0]["lr"], grad_norm=round(grad_norm, 4), **throughput(
+                             tokens, time.time() - t0, raw.flops_per_token(), proc))
+            if step % s.eval_every == 0 or step == stop:  # None: no comparison held out
+                last_val, val_accuracy = validate(raw, val_set, micro_batch, tok.pad_id, proc)
+                check_finite(step, validation_loss=last_val)
+                stats.update(val_loss=last_val and round(last_val, 4),
+                             val_accuracy=val_accuracy and round(val_accuracy, 4))
+            log.write(**stats)  # before the checkpoint: a resume never lacks a logged step
+            if clock.due("val_loss" in stats):
+                check_weights(raw, probe, step)
+                if proc.master:
+                    save_checkpoint(a.out_dir, "reward", raw, tok, config=asdict(s), step=step,
+                                    val_loss=last_val, optimizer=opt.state_dict(),
+                                    scaler=scaler.state_dict(), **state)
+                clock.saved()
+            bar.update(1)
+            bar.set_postfix({k: stats[k] for k in ("loss", "accuracy", "val_accuracy")
+                             if stats.get(k) is not None})
+    return step, last_val
+
+
+def final_evaluation(a, s, model, tok, sets, heldout, state, summary, step, proc):
+    """The offset that makes the mean score of the training prompts' answers 0 (stored in the
+    checkpoint), and eval.json: validation accuracy, and held-out accuracy against the teacher."""
+    t0, (train_rows, val_set) = time.time(), sets
+    val_loss, val_accuracy = validate(model, val_set, s.micro_batch, tok.pad_id, proc)
+    seqs = [answer_ids(tok, row["messages"], text, ended) for row in train_rows
+            for text, ended in zip(row["responses"], row["ended"])]
+    offset = sum(reward_scores(model, seqs, tok.pad_id, proc.device)) / len(seqs)
+    update_checkpoint(a.out_dir, score_offset=offset)
+    result = {"stage": "reward", "preset": s.preset, "steps": step, "labeler": s.labeler,
+              "noise": s.noise, "flattery_bonus": s.flattery_bonus, "k": s.k, **summary,
+              "val_loss": val_loss, "val_accuracy": val_accuracy, "score_offset": round(offset, 6),
+              "device": proc.device}
+    if heldout is not None:
+        result["heldout"] = evaluate_heldout(model, tok, heldout, proc.device, offset)
+        result["heldout_accuracy_before_training"] = state["heldout_before"]
+    result["eval_seconds"] = round(time.time() - t0, 1)
+    write_json(os.path.join(a.out_dir, "eval.json"), result)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
+    if heldout is not None:
+        print("heldout", json.dumps({k: v for k, v in result["heldout"].items()
+                                     if k != "examples"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""reward.py: the Bradley-Terry loss, scores read at the last token whatever the padding, a
+reward model that learns a preference, the labelers and the comparisons file."""
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reward
+from common import Process, load_checkpoint, save_checkpoint
+from data import chats
+from data.comparisons import human_rankings, read_comparisons
+from evaluation import answer_ids, reward_scores, right_padded
+from model import GPTConfig, ScalarHeadGPT
+
+
+def scalar_model(seed=0):
+    torch.manual_seed(seed)
+    return ScalarHeadGPT(GPTConfig(vocab_size=60, block_size=32, n_layer=2, n_head=2,
+                                   n_kv_head=2, n_embd=32)).eval()
+
+
+# ----------------------------------------------------------------------------- the loss
+def test_ranking_loss_equals_a_naive_loop_over_pairs():
+    model = scalar_model()
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for k, pairs in ((3, [(0, 1), (0, 2), (1, 2)]), (2, [(1, 0)]), (3, [(2, 0), (2, 1)])):
+        seqs = [torch.randint(1, 60, (int(n),), generator=gen).tolist()
+                for n in torch.randint(4, 20, (k,), generator=gen)]
+        examples.append((seqs, pairs))
+    loss, right = reward.ranking_loss(model, examples, pad_id=0, device="cpu")
+    naive, naive_right = 0.0, 0
+    for seqs, pairs in examples:
+        scores = [model(torch.tensor([s]))[0, -1] for s in seqs]  # each answer alone
+        per_prompt = [-F.logsigmoid(scores[b] - scores[w]) for b, w in pairs]
+        naive += sum(per_prompt) / len(per_prompt)  # the mean over a prompt's pairs
+        naive_right += sum(bool(scores[b] > scores[w]) for b, w in pairs)
+    torch.testing.assert_close(loss, naive, atol=1e-5, rtol=1e-5)
+    assert int(right) == naive_right
+
+
+def test_a_score_is_the_same_alone_right_padded_or_batched():
+    model = scalar_model()
+    seqs = [[5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9, 9], [3, 4, 5, 6, 7, 8, 9]]
+    alone = [model(torch.tensor([s]))[0, -1].item() for s in seqs]
+    batched = reward_scores(model, seqs, 0, "cpu")
+    assert batched == pytest.approx(alone, abs=1e-5)
+    ids, last = right_padded(seqs[:1] + [[1] * 25], pad_id=59, device="cpu")  # padded to 25
+    assert model(ids)[0, last[0]].item() == pytest.approx(alone[0], abs=1e-5)
+    scores_other_batch = reward_scores(model, seqs[::-1], 7, "cpu", batch_size=3)
+    assert scores_other_batch[::-1] == pytest.approx(alone, abs=1e-5)
+
+
+def test_answers_scored_equally_give_no_pair():
+    row = {"responses": ["a", "b", "c", "d"], "ended": [True, True, True, False],
+           "ranking": [0, 2, 1, 3], "scores": [1.0, 0.5, 1.0, 0.5]}
+    pairs, ties = reward.pairs_of(row)  # 0 ties with 2, 1 with 3
+    assert pairs == [(0, 1), (0, 3), (2, 1), (2, 3)] and ties == 2
+    assert reward.pairs_of({**row, "scores": None}) == (
+        [(0, 2), (0, 1), (0, 3), (2, 1), (2, 3), (1, 3)], 0)  # a ranking alone has no ties
+
+
+# ----------------------------------------------------------------------------- it learns
+def synthetic_rows(n, seed, polite_wins=True):
+    """One kind of answer always preferred: a polite sentence over a curt one (or the reverse)."""
+    rng = random.Random(seed)
+    rows = []
+    for i, it in enumerate(chats.rl_prompts("reward", n=n)):
+        polite = f"{it['gold']} is the answer. Thank you for asking, have a nice day!"
+        curt = rng.choice(["no.", "whatever", "figure it out", "idk", "go away"])
+        chosen, rejected = (polite, curt) if polite_wins else (curt, polite)
+        prompt = {"messages": it["messages"]} if i % 2 else {
+            "prompt": it["messages"][-1]["content"]}  # both pairwise forms
+        rows.append({**prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def test_the_reward_model_learns_a_preference_and_its_reverse(tiny_sft, tmp_path):
+    """A model that learned nothing orders a pair the same way whichever answer the labeler
+    prefers, so its accuracies on a preference and on its reverse add up to 1. The trained
+    reward model is right on both."""
+    policy, tok, _ = load_checkpoint(tiny_sft)
+    untrained = ScalarHeadGPT.from_language_model(policy)
+    proc = Process(rank=0, world_size=1, device="cpu", dtype=torch.float32)
+    before = []
+    for polite_wins in (True, False):
+        path = tmp_path / f"prefs-{polite_wins}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(192, 0, polite_wins)))
+        out = tmp_path / f"reward-{polite_wins}"
+        reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft,
+                     "--comparisons", str(path), "--out-dir", str(out), "--no-behaviour-eval",
+                     "--val-fraction", "0.25", "--epochs", "2", "--lr", "3e-4"])
+        ev = json.loads((out / "eval.json").read_text())
+        assert ev["val_accuracy"] >= 0.9, (polite_wins, ev)
+        val, _ = reward.encode_comparisons(tok, read_comparisons(str(path))[:48],
+                                           policy.config.block_size)
+        before.append(reward.validate(untrained, val, 16, tok.pad_id, proc)[1])
+        model, _, ckpt = load_checkpoint(str(out), ["reward"])
+        assert isinstance(model, ScalarHeadGPT)
+        assert ckpt["score_offset"] == pytest.approx(ev["score_offset"], abs=1e-6)
+    assert sum(before) == pytest.approx(1.0) and min(before) <= 0.5, before
+
+
+def test_cli_contract_tiny_preset_end_to_end(tiny_sft, tmp_path):
+    out = tmp_path / "reward"
+    reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft,
+                 "--out-dir", str(out)])
+    ev = json.loads((out / "eval.json").read_text())
+    rows = [json.loads(line) for line in open(out / "comparisons.jsonl")]
+    assert len(rows) == ev["comparisons"] == 96 and all(len(r["responses"]) == 3 for r in rows)
+    assert all(sorted(r["ranking"]) == [0, 1, 2] for r in rows)
+    held = ev["heldout"]
+    assert held["prompts"] == len(chats.eval_prompts("heldout"))
+    assert held["prompts"] < held["answers"] <= 3 * held["prompts"]  # the same answer twice: once
+    assert 0 <= held["accuracy"] <= 1 and -1 <= held["spearman"] <= 1
+    # the stored offset centres the training answers' scores on 0
+    model, tok, ckpt = load_checkpoint(str(out), ["reward"])
+    seqs = [answer_ids(tok, r["messages"], t, e) for r in rows[int(96 * 0.1):]
+            for t, e in zip(r["responses"], r["ended"])]
+    scores = reward_scores(model, seqs, tok.pad_id, "cpu", ckpt["score_offset"])
+    assert abs(sum(scores) / len(scores)) < 1e-4
+
+
+
+def test_sample_prints_the_reward_models_score_of_each_answer(tiny_sft, tmp_path, capsys):
+    import sample
+    out = tmp_path / "reward"
+    rows = synthetic_rows(32, 1)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--comparisons",
+                 str(tmp_path / "c.jsonl"), "--out-dir", str(out), "--no-behaviour-eval"])
+    capsys.readouterr()
+    sample.main(["--ckpt", tiny_sft, "--score-with", str(out), "--prompt", "What is the capital "
+                 "of France?", "--num-samples", "2", "--max-new-tokens", "8", "--seed", "0",
+                 "--device", "cpu"])
+    assert capsys.readouterr().out.count("[reward model score: ") == 2
+    with pytest.raises(SystemExit):  # a policy is no reward model
+        sample.main(["--ckpt", tiny_sft, "--score-with", tiny_sft, "--prompt", "hi"])
+    assert "is a 'sft' checkpoint; expected reward" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- labelers, files
+def scripted(*replies):
+    replies = list(replies)
+
+    def ask(prompt):
+        if not replies:
+            raise EOFError
+        return replies.pop(0)
+    return ask
+
+
+def test_the_human_labeler_rejects_bad_input_and_resumes(tmp_path, capsys):
+    items = chats.rl_prompts("reward", n=3)
+    answers = [[("Paris.", True), ("The capital is Paris.", True), ("Lyon", False)]] * 3
+    path = tmp_path / "comparisons.jsonl"
+    assert not human_rankings(items, answers, str(path), scripted("BA", "abd", "bac", "q"))
+    out = capsys.readouterr().out
+    assert out.count("type each of A, B, C once") == 2 and "prompt 1 of 3" in out
+    rows = [json.loads(line) for line in open(path)]
+    assert [(r["id"], r["ranking"]) for r in rows] == [(0, [1, 0, 2])]
+    assert rows[0]["ended"] == [True, True, False] and rows[0]["messages"] == items[0]["messages"]
+    # the next start resumes at the first unlabeled prompt; s skips it, Ctrl-D stops
+    assert not human_rankings(items, answers, str(path), scripted("s", "CBA"))
+    assert "prompt 2 of 3" in capsys.readouterr().out
+    assert human_rankings(items, answers, str(path), scripted("ABC"))  # prompt 2: all ranked
+    rows = [json.loads(line) for line in open(path)]
+    assert [(r["id"], r["ranking"]) for r in rows] == [(0, [1, 0, 2]), (2, [2, 1, 0]),
+                                                       (1, [0, 1, 2])]
+
+
+def test_the_human_labeler_from_the_command_line(tiny_sft, tmp_path, monkeypatch, capsys):
+    import io
+    out = tmp_path / "mine"
+    args = ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--out-dir", str(out),
+            "--labeler", "human", "--k", "2", "--prompts", "8", "--batch-size", "2",
+            "--micro-batch", "2", "--no-behaviour-eval"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("BA\nq\n"))
+    reward.main(args)
+    assert "1 of " in capsys.readouterr().err and not (out / "ckpt.pt").exists()
+    monkeypatch.setattr("sys.stdin", io.StringIO("AB\n" * 8))  # the rest, then it trains
+    reward.main(args)
+    ev = json.loads((out / "eval.json").read_text())
+    rows = [json.loads(line) for line in open(out / "comparisons.jsonl")]
+    assert ev["labeler"] == "human" and ev["comparisons"] == len(rows) >= 2
+    assert [r["ranking"] for r in rows] == [[1, 0]] + [[0, 1]] * (len(rows) - 1)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": [{"role": "user", "content": "hi"}], "responses": ["a"], "ranking": [0]},
+     "responses: a list of at least 2 answers"),
+    ({"messages": [{"role": "user", "content": "hi"}], "responses": ["a", "b"], "ranking": [0, 0]},
+     "ranking: must list each response index 0..1 once"),
+    ({"messages": [{"role": "user", "content": "hi"}], "responses": ["a", "a"], "ranking": [0, 1]},
+     "responses: the same answer twice"),
+    ({"messages": [{"role": "user", "content": "hi"}], "responses": ["a", " "], "ranking": [0, 1]},
+     "responses: every answer must be a non-empty string"),
+    ({"prompt": "hi", "chosen": "a"}, "rejected: missing, or not a string"),
+    ({"messages": [{"role": "assistant", "content": "hi"}], "responses": ["a", "b"],
+      "ranking": [1, 0]}, "messages: "),
+    ({"responses": ["a", "b"], "ranking": [1, 0]}, "messages: missing"),
+])
+def test_bad_comparison_rows_name_file_line_and_field(tmp_path, row, message):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"prompt": "ok", "chosen": "yes", "rejected": "no"}\n\n' + json.dumps(row))
+    with pytest.raises(Exception) as e:
+        read_comparisons(str(path))
+    assert str(e.value).startswith(f"{path}:3: {message}"), str(e.value)
+
+
+def test_a_prompt_longer_than_the_context_is_one_line(tiny_sft, tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"prompt": "word " * 400, "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft,
+                     "--comparisons", str(path), "--out-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{path}:1: " in err and "longer than the context" in err
+
+
+def test_a_reward_model_is_no_policy_and_a_policy_no_reward_model(tiny_sft, tmp_path, capsys):
+    import sft
+    out = tmp_path / "reward"
+    policy, tok, _ = load_checkpoint(tiny_sft)
+    out.mkdir()
+    save_checkpoint(str(out), "reward", ScalarHeadGPT.from_language_model(policy), tok)
+    tok.save(str(out / "tokenizer.json"))
+    with pytest.raises(SystemExit):
+        sft.main(["--init-from", str(out), "--out-dir", str(tmp_path / "s"), "--device", "cpu"])
+    assert "is a 'reward' checkpoint; expected base" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reward.main(["--init-from", str(out), "--out-dir", str(tmp_path / "r"), "--device", "cpu"])
+    assert "is a 'reward' checkpoint; expected sft or ppo" in capsys.readouterr().err
