@@ -8,6 +8,8 @@
 - train: pretraining tokens/s (and MFU on a GPU) for the preset's model and batch shape
 - generate: sampling tokens/s with the KV cache against recomputing the whole sequence each
   step, same model, same left-padded batch of prompts, 256 new tokens
+- reward: answers sampled per second (K = 3 per prompt, batched, KV cache) and comparisons
+  (a prompt, its K answers, all their pairs) trained per second, as in reward.py
 - gpt2: (GPU only) a GPT-2-small-sized model, about 124M parameters, context 1024
 Model weights are random: speed does not depend on them.
 """
@@ -22,7 +24,7 @@ import torch
 
 from common import (UserError, autocast, die, maybe_compile, peak_flops, pick_device, pick_dtype,
                     positive, preset_for, stop_reason, writable_dir)
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, ScalarHeadGPT
 
 # The model and micro-batch of pretrain.py's presets of the same names (a stage script is never
 # imported; tests/test_structure.py checks that they still match).
@@ -109,13 +111,49 @@ def bench_generate(cfg, device, dtype, batch=8, new_tokens=256):
     return out
 
 
+def bench_reward(cfg, device, dtype, prompts=32, k=3, prompt_len=24, answer_len=24, steps=5):
+    """The reward stage's two loops at the preset's size: answers sampled per second (K per
+    prompt, one batched KV-cached call, random weights so every answer runs to answer_len), and
+    comparisons (prompts with their K answers and all C(K,2) pairs) trained per second."""
+    policy = GPT(cfg).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = [torch.randint(cfg.vocab_size, (prompt_len,), generator=g).tolist()] * (prompts * k)
+    with autocast(device, dtype):
+        policy.generate(batch[:8], 4, temperature=1.0, seed=0)  # warm-up
+        sync(device)
+        t0 = time.time()
+        policy.generate(batch, answer_len, temperature=1.0, seed=0)
+        sync(device)
+    out = {"answers_per_s": round(prompts * k / (time.time() - t0), 1)}
+    model = ScalarHeadGPT(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids = torch.randint(cfg.vocab_size, (prompts * k, prompt_len + answer_len), device=device)
+    pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
+    better = torch.tensor([p * k + a for p in range(prompts) for a, _ in pairs], device=device)
+    worse = torch.tensor([p * k + b for p in range(prompts) for _, b in pairs], device=device)
+    for step in range(steps + 2):  # 2 warm-up steps
+        if step == 2:
+            sync(device)
+            t0 = time.time()
+        with autocast(device, dtype):
+            last = model(ids)[:, -1]
+            loss = -torch.nn.functional.logsigmoid(last[better] - last[worse]).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(device)
+    out["comparisons_per_s"] = round(prompts * steps / (time.time() - t0), 1)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["auto", *SHAPES], default="auto",
                    help="the model and micro-batch of this pretrain.py preset (auto: gpu on a "
                         "CUDA device, else cpu)")
-    p.add_argument("--only", choices=["tokenizer", "train", "generate", "gpt2"], action="append",
+    p.add_argument("--only", choices=["tokenizer", "train", "generate", "reward", "gpt2"],
+                   action="append",
                    help="run only these parts (repeatable)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -143,7 +181,8 @@ def run_benchmarks(a, device, dtype):
     shape = dict(SHAPES[preset])
     micro_batch = shape.pop("micro_batch")
     cfg = GPTConfig(vocab_size=4096, **shape)
-    parts = a.only or ["tokenizer", "train", "generate"] + (["gpt2"] if device == "cuda" else [])
+    parts = a.only or ["tokenizer", "train", "generate", "reward"] + (
+        ["gpt2"] if device == "cuda" else [])
     result = dict(date=time.strftime("%Y-%m-%d"), device=device, dtype=str(dtype).split(".")[-1],
                   device_name=(torch.cuda.get_device_name() if device.startswith("cuda")
                                else cpu_name()),
@@ -155,6 +194,8 @@ def run_benchmarks(a, device, dtype):
             result[part] = bench_tokenizer()
         elif part == "train":
             result[part] = bench_train(cfg, micro_batch, device, dtype, a.compile, a.steps)
+        elif part == "reward":
+            result[part] = bench_reward(cfg, device, dtype)
         elif part == "generate":
             result[part] = bench_generate(cfg, device, dtype)
         elif part == "gpt2":

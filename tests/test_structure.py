@@ -1,5 +1,6 @@
 """The shape of the house: imports run one way, and every file can be read in one sitting."""
 import ast
+import json
 import os
 
 import pytest
@@ -65,3 +66,15 @@ def test_bench_measures_the_pretrain_presets():
     for name, shape in bench.SHAPES.items():
         settings = {**asdict(pretrain.Settings()), **pretrain.PRESETS[name]}
         assert shape == {k: settings[k] for k in shape}, name
+
+
+def test_bench_writes_its_json(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--device", "cpu", "--only",
+                    "reward", "--only", "train", "--steps", "2", "--out", str(out)], cwd=ROOT,
+                   check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["preset"] == "tiny" and result["train"]["tokens_per_s"] > 0
+    assert result["reward"]["answers_per_s"] > 0 and result["reward"]["comparisons_per_s"] > 0
