@@ -6,6 +6,8 @@
   (data/teacher.py): accuracy, system-prompt adherence, end of turn, length (every instruct stage).
 - evaluate_base_on_chat_prompts: the base model on the same requests, as chat and as plain text.
 """
+import itertools
+
 import torch
 from tqdm import tqdm
 
@@ -149,7 +151,7 @@ def reward_scores(model, sequences, pad_id, device, offset=0.0, batch_size=64):
     model.eval()
     for i in range(0, len(sequences), batch_size):
         ids, last = right_padded(sequences[i:i + batch_size], pad_id, device)
-        scores += (model(ids)[torch.arange(len(ids)), last] - offset).tolist()
+        scores += (model(ids)[torch.arange(len(ids), device=device), last] - offset).tolist()
     model.train(training)
     return scores
 
@@ -169,4 +171,48 @@ def spearman(x, y):
         return torch.tensor(out, dtype=torch.float64)
     rx, ry = ranks(x), ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
+    if rx.norm() == 0 or ry.norm() == 0:
+        return None  # a constant list has no ranking
     return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+
+
+DIFFERENCES = {  # what separates two answers the teacher ranks apart
+    "fact": lambda verdict: verdict["correct"],
+    "ended": lambda verdict: verdict["ended"],
+    "filler_or_flattery": lambda verdict: verdict["filler"] or verdict["flattery"],
+    "system_rule": lambda verdict: verdict["follows_system"],
+}
+
+
+def evaluate_reward_model(model, tok, heldout, device, offset=0.0, examples=2):
+    """A reward model against the teacher. heldout: (prompt items, answers, teacher verdicts).
+    Pairwise accuracy on the pairs the teacher scores apart, overall and by what separates the
+    two answers; Spearman's rank correlation of its scores with the teacher's, every answer."""
+    items, answers, verdicts = heldout
+    seqs = [answer_ids(tok, it["messages"], text, ended)
+            for it, options in zip(items, answers) for text, ended in options]
+    flat = reward_scores(model, seqs, tok.pad_id, device, offset)
+    ends = list(itertools.accumulate(len(options) for options in answers))
+    scores = [flat[end - len(options):end] for end, options in zip(ends, answers)]
+    hits = {name: [] for name in ("all", *DIFFERENCES)}
+    for mine, judged in zip(scores, verdicts):
+        for i in range(len(mine)):
+            for j in range(len(mine)):
+                if judged[i]["score"] <= judged[j]["score"]:
+                    continue  # i is the teacher's better answer; equal scores are a tie
+                right = mine[i] > mine[j]
+                hits["all"].append(right)
+                for name, kind in DIFFERENCES.items():
+                    a, b = kind(judged[i]), kind(judged[j])
+                    if a is not None and b is not None and bool(a) != bool(b):
+                        hits[name].append(right)
+    result = {"prompts": len(items), "answers": len(flat), "pairs": len(hits["all"]),
+              "accuracy": sum(hits["all"]) / len(hits["all"]) if hits["all"] else None,
+              "by_difference": {name: {"pairs": len(h), "accuracy": sum(h) / len(h) if h else None}
+                                for name, h in hits.items() if name != "all"},
+              "spearman": spearman(flat, [v["score"] for judged in verdicts for v in judged])}
+    result["examples"] = [{"prompt": it["messages"], "answers": [
+        {"text": text, "ended": ended, "teacher": v["score"], "reward": round(r, 4)}
+        for (text, ended), v, r in zip(options, judged, mine)]}
+        for it, options, judged, mine in list(zip(items, answers, verdicts, scores))[:examples]]
+    return result

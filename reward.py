@@ -6,7 +6,8 @@ learns to score the preferred answer higher. PPO (the next stage) then moves the
 high scores, so whatever the labeler rewards, the policy learns, its biases included.
 
     python reward.py                                  # out/sft -> out/reward; the teacher ranks
-    python reward.py --labeler human --prompts 30 --out-dir out/reward-mine    # you rank
+    python reward.py --labeler human --prompts 40 --batch-size 8 --micro-batch 8 \
+        --out-dir out/reward-mine                     # you rank them
     python reward.py --comparisons prefs.jsonl        # your rankings: K-way or chosen/rejected
     python reward.py --noise 0.3 --out-dir out/reward-noisy    # annotators who disagree
 
@@ -21,13 +22,13 @@ Each step is a function below, in the order it runs:
    best first, to inspect, edit or relabel. Two answers scored equally give no pair (a tie).
 3. learn: the Bradley-Terry loss -log sigmoid(r_better - r_worse) averaged over all C(K,2) pairs
    of a prompt, all pairs of a prompt in the same batch (InstructGPT: treating the pairs as
-   independent examples overfits), one epoch. The score is read at the answer's last token.
+   independent examples overfits). The score is read at the answer's last token.
 4. check: pairwise accuracy on held-out comparisons while training; at the end, on answers about
-   held-out entities judged by the teacher (out/reward/eval.json), and an offset stored in the
-   checkpoint so that the mean score of SFT answers is 0: PPO reads scores relative to SFT.
+   held-out entities judged by the teacher (evaluation.evaluate_reward_model, eval.json), and an
+   offset stored in the checkpoint so that the mean score of the training comparisons' answers
+   (the SFT model's own, unless --comparisons) is 0: PPO reads scores relative to SFT.
 """
 import hashlib
-import itertools
 import json
 import os
 import random
@@ -47,8 +48,9 @@ from common import (SAVE_EVERY_SECONDS, MetricsLog, SaveClock, UserError, autoca
                     seed_arg, setting, split_batch, throughput, update_checkpoint, wrap_model,
                     write_json, write_text)
 from data import chats, teacher
-from data.comparisons import comparison, human_rankings, read_comparisons
-from evaluation import answer, answer_ids, reward_scores, right_padded, spearman
+from data.comparisons import check_labeler, comparison, human_rankings, read_comparisons
+from evaluation import (answer, answer_ids, check_chat_eval_fits, evaluate_reward_model,
+                        reward_scores, right_padded)
 from model import ScalarHeadGPT
 
 
@@ -97,7 +99,7 @@ PRESETS = {
     "cpu": dict(),  # the defaults above
     "gpu": dict(prompts=8000, batch_size=64, micro_batch=64, eval_every=20, lr=5e-4),
 }
-COMPARISONS_FILE = "comparisons.jsonl"
+COMPARISONS_FILE, ANSWERS_FILE = "comparisons.jsonl", "answers.jsonl"  # answers: --labeler human
 
 
 def parse_args(argv=None):
@@ -111,7 +113,7 @@ def parse_args(argv=None):
 def sample_answers(policy, tok, items, s, seed, desc="sample"):
     """K answers per chat prompt, [[(text, ended with <|end|>), ...], ...], each answer once: the
     same answer sampled twice is one answer (there is nothing to compare), and an empty one is
-    none. The K copies of a prompt sit side by side in one batched, KV-cached generate call."""
+    none. Sampled in batched, KV-cached calls of 64 rows, a prompt's K copies side by side."""
     prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
     rows = answer(policy, tok, [p for p in prompts for _ in range(s.k)], s.max_new_tokens,
                   temperature=s.temperature, seed=seed, desc=desc)
@@ -121,17 +123,13 @@ def sample_answers(policy, tok, items, s, seed, desc="sample"):
 
 
 # ----------------------------------------------------------------------------- 2. rank
-def teacher_rankings(items, answers, s):
-    """The teacher ranks each prompt's answers by its rubric score (+ flattery bonus), plus
-    Gaussian noise of std s.noise: annotators who disagree. Equal scores are a tie."""
-    rng = random.Random(s.seed)
-    rows = []
-    for i, (item, options) in enumerate(zip(items, answers)):
-        scores = [teacher.score(item, text, ended, s.flattery_bonus)
-                  + (rng.gauss(0.0, s.noise) if s.noise else 0.0) for text, ended in options]
-        ranking = sorted(range(len(options)), key=lambda j: -scores[j])
-        rows.append(comparison(i, item, options, ranking, scores))
-    return rows
+def teacher_ranking(item, options, s, rng):
+    """(ranking best first, scores): the teacher's rubric score of each answer (+ the flattery
+    bonus), plus Gaussian noise of std s.noise drawn from rng: annotators who disagree. Equal
+    scores are a tie."""
+    scores = [teacher.score(item, text, ended, s.flattery_bonus)
+              + (rng.gauss(0.0, s.noise) if s.noise else 0.0) for text, ended in options]
+    return sorted(range(len(options)), key=lambda j: -scores[j]), scores
 
 
 # ----------------------------------------------------------------------------- 3. learn
@@ -158,9 +156,8 @@ def encode_comparisons(tok, rows, block_size):
         seqs = [answer_ids(tok, row["messages"], text, ended)
                 for text, ended in zip(row["responses"], row["ended"])]
         if max(map(len, seqs)) > block_size:
-            where = row.get("where") or f"comparison {row['id']}"
-            raise UserError(f"{where}: {max(map(len, seqs))} tokens, longer than the context "
-                            f"of {block_size}: shorten the prompt or the answers")
+            raise UserError(f"{row['where']}: {max(map(len, seqs))} tokens, longer than the "
+                            f"context of {block_size}: shorten the prompt or the answers")
         pairs, ties = pairs_of(row)
         counts["pairs"] += len(pairs)
         counts["ties"] += ties
@@ -206,14 +203,6 @@ def validate(model, examples, micro_batch, pad_id, proc):
 
 
 # ----------------------------------------------------------------------------- 4. check
-DIFFERENCES = {  # what separates two answers the teacher ranks apart
-    "fact": lambda verdict: verdict["correct"],
-    "ended": lambda verdict: verdict["ended"],
-    "filler_or_flattery": lambda verdict: verdict["filler"] or verdict["flattery"],
-    "system_rule": lambda verdict: verdict["follows_system"],
-}
-
-
 def heldout_answers(policy, tok, s):
     """The SFT model's K answers to the held-out evaluation prompts (entities never in SFT or in
     the comparisons), and the teacher's verdicts on them (noise 0, no bias)."""
@@ -222,40 +211,6 @@ def heldout_answers(policy, tok, s):
     verdicts = [[teacher.judge(it, text, ended) for text, ended in options]
                 for it, options in zip(items, answers)]
     return items, answers, verdicts
-
-
-def evaluate_heldout(model, tok, heldout, device, offset=0.0, examples=2):
-    """Pairwise accuracy against the teacher on held-out answers (pairs the teacher scores
-    apart), overall and by what separates the two answers; Spearman's rank correlation of the
-    reward model's score with the teacher's over every answer."""
-    items, answers, verdicts = heldout
-    seqs = [answer_ids(tok, it["messages"], text, ended)
-            for it, options in zip(items, answers) for text, ended in options]
-    flat = reward_scores(model, seqs, tok.pad_id, device, offset)
-    ends = list(itertools.accumulate(len(options) for options in answers))
-    scores = [flat[end - len(options):end] for end, options in zip(ends, answers)]
-    hits = {name: [] for name in ("all", *DIFFERENCES)}
-    for mine, judged in zip(scores, verdicts):
-        for i in range(len(mine)):
-            for j in range(len(mine)):
-                if judged[i]["score"] <= judged[j]["score"]:
-                    continue  # i is the teacher's better answer; equal scores are a tie
-                right = mine[i] > mine[j]
-                hits["all"].append(right)
-                for name, kind in DIFFERENCES.items():
-                    a, b = kind(judged[i]), kind(judged[j])
-                    if a is not None and b is not None and bool(a) != bool(b):
-                        hits[name].append(right)
-    result = {"prompts": len(items), "answers": len(flat), "pairs": len(hits["all"]),
-              "accuracy": sum(hits["all"]) / max(1, len(hits["all"])),
-              "by_difference": {name: {"pairs": len(h), "accuracy": sum(h) / len(h) if h else None}
-                                for name, h in hits.items() if name != "all"},
-              "spearman": spearman(flat, [v["score"] for judged in verdicts for v in judged])}
-    result["examples"] = [{"prompt": it["messages"], "answers": [
-        {"text": text, "ended": ended, "teacher": v["score"], "reward": round(r, 4)}
-        for (text, ended), v, r in zip(options, judged, mine)]}
-        for it, options, judged, mine in list(zip(items, answers, verdicts, scores))[:examples]]
-    return result
 
 
 # ----------------------------------------------------------------------------- the run
@@ -278,37 +233,56 @@ def run(a, proc):
         model, tok = ScalarHeadGPT.from_language_model(policy), tok_of_policy
     elif tok_of_policy.checksum != tok.checksum:
         raise UserError(f"--init-from {s.init_from}: not the model this run started from")
+    check_settings(a, s, tok, model.config.block_size)
     prepare_out_dir(a.out_dir, tok, resume=a.resume, write=proc.master)
     rows = comparisons(a, s, policy, tok, proc)
     if rows is None:
         return  # a person stopped labeling; what they ranked is saved
-    state = {"comparisons_checksum": hashlib.sha256(json.dumps(
-        [{k: v for k, v in r.items() if k not in ("id", "where")} for r in rows],
-        sort_keys=True).encode()).hexdigest()}
-    if ckpt is not None and ckpt["comparisons_checksum"] != state["comparisons_checksum"]:
-        raise UserError(f"the comparisons differ from those the run in {a.out_dir} learned from")
     n_val = int(len(rows) * s.val_fraction)
+    state = {"comparisons_checksum": hashlib.sha256(json.dumps(  # the rows, and how they are used
+        [[{k: v for k, v in r.items() if k not in ("id", "where")} for r in rows], n_val,
+         s.seed, s.batch_size], sort_keys=True).encode()).hexdigest()}
+    if ckpt is not None and ckpt["comparisons_checksum"] != state["comparisons_checksum"]:
+        raise UserError(f"the comparisons, or their split and order (--val-fraction, --seed, "
+                        f"--batch-size), differ from those the run in {a.out_dir} learned from")
     train_set, counts = encode_comparisons(tok, rows[n_val:], model.config.block_size)
+    counts = {f"train_{k}": v for k, v in counts.items()}  # the validation rows' are not here
     val_set, _ = encode_comparisons(tok, rows[:n_val], model.config.block_size)
     if len(train_set) < s.batch_size:
         raise UserError(f"{len(train_set)} comparisons with a pair to learn from: fewer than one "
                         f"batch (--batch-size {s.batch_size})")
-    s.micro_batch, accum = split_batch(s.batch_size, s.micro_batch, proc,
+    s.micro_batch, _ = split_batch(s.batch_size, s.micro_batch, proc,
                                        "micro_batch" in a.given)
     steps = s.epochs * (len(train_set) // s.batch_size)
     heldout = heldout_answers(policy, tok, s) if proc.master and not a.no_behaviour_eval else None
+    del policy  # it has written every answer this stage needs
     if proc.master:
-        print(f"reward model: {len(rows)} comparisons ({len(val_set)} held out), "
-              f"{counts['pairs']} pairs, {counts['ties']} ties (no pair), {s.epochs} epoch(s) = "
-              f"{steps} steps of {s.batch_size} prompts, {proc.device}", file=sys.stderr)
+        print(f"reward model: {len(rows)} comparisons ({len(val_set)} held out); to train on: "
+              f"{counts['train_pairs']} pairs, {counts['train_ties']} ties (no pair); "
+              f"{s.epochs} epoch(s) = {steps} steps of {s.batch_size} prompts, {proc.device}",
+              file=sys.stderr)
     state["heldout_before"] = ckpt["heldout_before"] if ckpt is not None else None
     if ckpt is None and heldout is not None:  # the reward model before it learns: near chance
-        state["heldout_before"] = evaluate_heldout(model, tok, heldout, proc.device)["accuracy"]
+        before = evaluate_reward_model(model, tok, heldout, proc.device)
+        state["heldout_before"] = before["accuracy"]
     step, _ = train(a, s, model, tok, train_set, val_set, proc, ckpt, steps, state)
     if proc.master and step >= steps:
         summary = {"comparisons": len(rows), "val_prompts": len(val_set), **counts}
         final_evaluation(a, s, model, tok, (rows[n_val:], val_set), heldout, state, summary,
                          step, proc)
+
+
+def check_settings(a, s, tok, block_size):
+    """Mistakes that would otherwise surface only after minutes of sampling (or labeling)."""
+    if s.k < 2:
+        raise UserError(f"--k {s.k}: a ranking compares at least 2 answers")
+    if not s.val_fraction < 1:
+        raise UserError(f"--val-fraction {s.val_fraction}: leaves nothing to train on")
+    if not s.comparisons and int(s.prompts * (1 - s.val_fraction)) < s.batch_size:
+        raise UserError(f"--prompts {s.prompts}: fewer than one batch after the validation split "
+                        f"(--batch-size {s.batch_size}); more prompts or a smaller batch")
+    if not a.no_behaviour_eval:
+        check_chat_eval_fits(tok, block_size)
 
 
 def comparisons(a, s, policy, tok, proc):
@@ -319,28 +293,41 @@ def comparisons(a, s, policy, tok, proc):
     path = os.path.join(a.out_dir, COMPARISONS_FILE)
     if a.resume:
         return read_comparisons(path)
+    check_labeler(path, s.labeler)
     if s.labeler == "human" and proc.world_size > 1:
         raise UserError("--labeler human runs in one process (not under torchrun)")
-    complete, total = True, None
-    if proc.master:
-        items = chats.rl_prompts("reward", seed=s.seed, n=s.prompts)
-        answers = sample_answers(policy, tok, items, s, seed=s.seed)
-        kept = [i for i, options in enumerate(answers) if len(options) > 1]
-        print(f"{len(items) - len(kept)} of {len(items)} prompts got one answer {s.k} times: "
-              "nothing to rank there", file=sys.stderr)
-        items, answers = [items[i] for i in kept], [answers[i] for i in kept]
-        if s.labeler == "human":
-            complete, total = human_rankings(items, answers, path), len(items)
-        else:
-            rows = teacher_rankings(items, answers, s)
-            write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    complete = True
+    if proc.master and s.labeler == "human":  # the answers are sampled once, then kept
+        answers_path = os.path.join(a.out_dir, ANSWERS_FILE)
+        if not os.path.exists(answers_path):
+            write_text(answers_path, "".join(json.dumps({"item": item, "answers": options}) +
+                                             "\n" for item, options in sampled(policy, tok, s)))
+        kept = [row for _, row in jsonl_rows(answers_path)]
+        items, answers = [r["item"] for r in kept], [[tuple(o) for o in r["answers"]]
+                                                       for r in kept]
+        complete = human_rankings(items, answers, path)
+    elif proc.master:
+        rng, rows = random.Random(s.seed), []
+        for i, (item, options) in enumerate(sampled(policy, tok, s)):
+            rows.append(comparison(i, item, options, *teacher_ranking(item, options, s, rng)))
+        write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
     barrier(proc)
     if not complete:
-        done = sum(1 for _ in jsonl_rows(path)) if os.path.exists(path) else 0
-        print(f"{done} of {total} prompts ranked, saved in {path}: the same command goes on "
-              "where you stopped", file=sys.stderr)
+        print(f"ranked so far: {len(read_comparisons(path, allow_empty=True))} prompt(s), saved "
+              f"in {path}; the same command goes on where you stopped", file=sys.stderr)
         return None
     return read_comparisons(path)
+
+
+def sampled(policy, tok, s):
+    """(prompt item, its distinct answers) for the prompts of the reward pool that got at least
+    two different answers."""
+    items = chats.rl_prompts("reward", seed=s.seed, n=s.prompts)
+    answers = sample_answers(policy, tok, items, s, seed=s.seed)
+    kept = [(item, options) for item, options in zip(items, answers) if len(options) > 1]
+    print(f"{len(items) - len(kept)} of {len(items)} prompts got fewer than two different "
+          "answers: nothing to rank there", file=sys.stderr)
+    return kept
 
 
 def train(a, s, raw, tok, train_set, val_set, proc, ckpt, steps, state):
@@ -418,7 +405,7 @@ def final_evaluation(a, s, model, tok, sets, heldout, state, summary, step, proc
               "val_loss": val_loss, "val_accuracy": val_accuracy, "score_offset": round(offset, 6),
               "device": proc.device}
     if heldout is not None:
-        result["heldout"] = evaluate_heldout(model, tok, heldout, proc.device, offset)
+        result["heldout"] = evaluate_reward_model(model, tok, heldout, proc.device, offset)
         result["heldout_accuracy_before_training"] = state["heldout_before"]
     result["eval_seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(a.out_dir, "eval.json"), result)

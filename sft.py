@@ -36,9 +36,10 @@ from tqdm import tqdm
 from common import (SAVE_EVERY_SECONDS, TOKENIZER_FILE, MetricsLog, SaveClock, UserError,
                     autocast, barrier, batch_indices, check_finite, check_out_dir,
                     check_paths_exist, check_weights, jsonl_rows, launch, lm_batch,
-                    load_checkpoint, lr_at, make_optimizer, mean_over_processes, nonnegative, optimizer_step, parse_stage_args,
-                    prepare_out_dir, resolve_settings, resume_training, save_checkpoint,
-                    seed_arg, setting, split_batch, throughput, wrap_model, write_json)
+                    load_checkpoint, lr_at, make_optimizer, mean_over_processes, nonnegative,
+                    optimizer_step, parse_stage_args, prepare_out_dir, resolve_settings,
+                    resume_training, save_checkpoint, seed_arg, setting, split_batch, throughput,
+                    wrap_model, write_json)
 from data import chats, prepare
 from data.tokenizer import Tokenizer, check_chat
 from evaluation import check_chat_eval_fits, evaluate_base_on_chat_prompts, evaluate_chat

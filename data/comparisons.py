@@ -5,10 +5,10 @@ labeler writes and a user can inspect, edit or relabel:
      "ended": [true, true, false], "scores": [...], "id": 0, "kind": ..., "entity": ...}
 
 ranking lists response indices best first; ended says which answers stopped with <|end|> (the
-rest were cut at the length limit); scores, when present, are the labeler's (equal scores are a
-tie). A user's file may also hold pairwise rows as in TRL's preference datasets,
-{"prompt" or "messages", "chosen", "rejected"}. Also here: the terminal labeler, a person
-ranking answers by hand.
+rest were cut at the length limit); scores, when present, are the teacher's (equal scores are a
+tie; delete them when you relabel by hand). A person's skip is a line {"id": i, "skipped":
+true}. A user's file may also hold pairwise rows as in TRL's preference datasets, {"prompt" or
+"messages", "chosen", "rejected"}. Also here: the terminal labeler, a person ranking answers.
 """
 import json
 import os
@@ -28,33 +28,36 @@ def comparison(i, item, options, ranking, scores=None):
 
 
 def human_rankings(items, answers, path, ask=input):
-    """A person ranks each prompt's answers in the terminal. Each ranking is appended to `path`
-    at once (flushed to disk), so quitting, Ctrl-C or a crash loses nothing, and the next start
-    resumes at the first unlabeled prompt. Returns True when every prompt is ranked."""
+    """A person ranks each prompt's answers in the terminal (or skips it). Each ranking or skip
+    is appended to `path` at once (flushed to disk), so quitting, Ctrl-C or a crash loses
+    nothing, and the next start resumes at the first prompt not yet ranked or skipped. Returns
+    True when every prompt is."""
     done = {row["id"] for _, row in jsonl_rows(path)} if os.path.exists(path) else set()
     todo = [i for i in range(len(items)) if i not in done]
     for n, i in enumerate(todo):
-        letters = "ABCDEFGHIJ"[:len(answers[i])]
-        show_prompt(items[i], answers[i], letters, f"{len(done) + n + 1} of {len(items)}")
+        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(answers[i])]
+        show_prompt(items[i], answers[i], letters, f"{len(items) - len(todo) + n + 1} of "
+                                                   f"{len(items)}")
         while True:
             try:
                 reply = ask(f"rank best first ({letters}), s = skip, q = quit> ").strip().upper()
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C: as q, everything is saved
                 reply = "Q"
             if reply in ("S", "Q") or sorted(reply) == list(letters):
                 break
             print(f"  type each of {', '.join(letters)} once, best first (for example "
                   f"{letters[1]}{letters[0]}{letters[2:]}); s skips this prompt, q quits")
         if reply == "Q":
+            print()
             break
-        if reply != "S":
-            with open(path, "a") as f:
-                f.write(json.dumps(comparison(i, items[i], answers[i], [letters.index(c)
-                                                                       for c in reply])) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            done.add(i)
-    return len(done) == len(items)
+        row = {"id": i, "skipped": True} if reply == "S" else comparison(
+            i, items[i], answers[i], [letters.index(c) for c in reply])
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        done.add(i)
+    return all(i in done for i in range(len(items)))
 
 
 def show_prompt(item, options, letters, progress):
@@ -68,7 +71,7 @@ def show_prompt(item, options, letters, progress):
                             subsequent_indent="     ") + cut)
 
 
-def read_comparisons(path):
+def read_comparisons(path, allow_empty=False):
     """Rows of a user's file, checked: K-way {"messages", "responses", "ranking"} (indices into
     responses, best first; optional "ended") or pairwise {"prompt" or "messages", "chosen",
     "rejected"} as in TRL's preference datasets. A bad row: `file:line: field: problem`."""
@@ -76,6 +79,8 @@ def read_comparisons(path):
     for where, row in jsonl_rows(path):
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object")
+        if row.get("skipped"):
+            continue  # a prompt the person skipped
         if "chosen" in row or "rejected" in row:
             row = pairwise_to_kway(row, where)
         for field in ("messages", "responses", "ranking"):
@@ -85,7 +90,7 @@ def read_comparisons(path):
         check_kway(row, where)
         rows.append({**row, "id": len(rows), "where": where,
                      "ended": row.get("ended", [True] * len(row["responses"]))})
-    if not rows:
+    if not rows and not allow_empty:
         raise UserError(f"{path}: no comparisons")
     return rows
 
@@ -120,6 +125,27 @@ def check_kway(row, where):
         raise UserError(f"{where}: ended: one true/false per response")
     if len(set(zip(responses, ended))) < len(responses):
         raise UserError(f"{where}: responses: the same answer twice (nothing to compare)")
-    if not isinstance(ranking, list) or sorted(ranking) != list(range(len(responses))):
+    if not isinstance(ranking, list) or not all(type(r) is int for r in ranking) or \
+            sorted(ranking) != list(range(len(responses))):
         raise UserError(f"{where}: ranking: must list each response index 0..{len(responses) - 1}"
                         f" once, best first, got {ranking}")
+    scores = row.get("scores")
+    if scores is not None and not (
+            isinstance(scores, list) and len(scores) == len(responses)
+            and all(type(x) in (int, float) for x in scores)
+            and all(scores[a] >= scores[b] for a, b in zip(ranking, ranking[1:]))):
+        raise UserError(f"{where}: scores: one number per response, not increasing along the "
+                        "ranking (after relabelling by hand, delete the teacher's scores)")
+
+
+def check_labeler(path, labeler):
+    """Never overwrite a person's rankings with the teacher's, nor go on from the teacher's
+    rankings as if a person had made them (a person's rows carry no scores)."""
+    if not os.path.exists(path):
+        return
+    rows = [row for _, row in jsonl_rows(path) if not row.get("skipped")]
+    by = "the teacher" if any("scores" in row for row in rows) else "a person"
+    if rows and (by == "a person") != (labeler == "human"):
+        raise UserError(f"{path} holds rankings by {by}; --labeler {labeler} would "
+                        f"{'overwrite' if labeler == 'teacher' else 'mix with'} them: choose "
+                        "another --out-dir (or move the file)")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import reward
-from common import Process, load_checkpoint, save_checkpoint
+from common import load_checkpoint, save_checkpoint
 from data import chats
 from data.comparisons import human_rankings, read_comparisons
 from evaluation import answer_ids, reward_scores, right_padded
@@ -78,13 +78,9 @@ def synthetic_rows(n, seed, polite_wins=True):
 
 
 def test_the_reward_model_learns_a_preference_and_its_reverse(tiny_sft, tmp_path):
-    """A model that learned nothing orders a pair the same way whichever answer the labeler
-    prefers, so its accuracies on a preference and on its reverse add up to 1. The trained
-    reward model is right on both."""
-    policy, tok, _ = load_checkpoint(tiny_sft)
-    untrained = ScalarHeadGPT.from_language_model(policy)
-    proc = Process(rank=0, world_size=1, device="cpu", dtype=torch.float32)
-    before = []
+    """A fixed model orders a pair the same way whichever answer the labeler prefers, so its
+    accuracies on a preference and on its reverse add up to 1: no model is right on both
+    without learning. Trained on each, the reward model is."""
     for polite_wins in (True, False):
         path = tmp_path / f"prefs-{polite_wins}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(192, 0, polite_wins)))
@@ -94,13 +90,33 @@ def test_the_reward_model_learns_a_preference_and_its_reverse(tiny_sft, tmp_path
                      "--val-fraction", "0.25", "--epochs", "2", "--lr", "3e-4"])
         ev = json.loads((out / "eval.json").read_text())
         assert ev["val_accuracy"] >= 0.9, (polite_wins, ev)
-        val, _ = reward.encode_comparisons(tok, read_comparisons(str(path))[:48],
-                                           policy.config.block_size)
-        before.append(reward.validate(untrained, val, 16, tok.pad_id, proc)[1])
         model, _, ckpt = load_checkpoint(str(out), ["reward"])
         assert isinstance(model, ScalarHeadGPT)
         assert ckpt["score_offset"] == pytest.approx(ev["score_offset"], abs=1e-6)
-    assert sum(before) == pytest.approx(1.0) and min(before) <= 0.5, before
+
+
+def test_resume_continues_the_same_curve(tiny_sft, tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(96, 2)))
+    args = ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--comparisons",
+            str(path), "--no-behaviour-eval", "--epochs", "3", "--eval-every", "3"]
+    reward.main(args + ["--out-dir", str(tmp_path / "a")])
+    reward.main(args + ["--out-dir", str(tmp_path / "b"), "--stop-at", "6"])
+    reward.main(args + ["--out-dir", str(tmp_path / "b"), "--resume"])
+    logs = [{r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / d / "log.jsonl"))}
+            for d in ("a", "b")]
+    assert sorted(logs[1]) == list(range(1, 16)) and logs[0] == pytest.approx(logs[1], rel=1e-5)
+    with pytest.raises(SystemExit):  # the same rows split another way are other data
+        reward.main(args + ["--out-dir", str(tmp_path / "b"), "--resume", "--seed", "5"])
+
+
+def test_the_reward_and_ppo_pools_are_disjoint_training_facts():
+    from data import world
+    pools = {p: {(it["kind"], it["entity"]) for it in chats.rl_prompts(p)} for p in
+             ("reward", "ppo")}
+    assert pools["reward"] and pools["ppo"] and not pools["reward"] & pools["ppo"]
+    assert not any(world.is_heldout(e) for pool in pools.values() for _, e in pool)
+    assert len(pools["reward"] | pools["ppo"]) == len(chats.facts("train"))
 
 
 def test_cli_contract_tiny_preset_end_to_end(tiny_sft, tmp_path):
@@ -109,8 +125,9 @@ def test_cli_contract_tiny_preset_end_to_end(tiny_sft, tmp_path):
                  "--out-dir", str(out)])
     ev = json.loads((out / "eval.json").read_text())
     rows = [json.loads(line) for line in open(out / "comparisons.jsonl")]
-    assert len(rows) == ev["comparisons"] == 96 and all(len(r["responses"]) == 3 for r in rows)
-    assert all(sorted(r["ranking"]) == [0, 1, 2] for r in rows)
+    assert len(rows) == ev["comparisons"] <= 96  # a prompt with one distinct answer is dropped
+    assert all(2 <= len(r["responses"]) <= 3 for r in rows)
+    assert all(sorted(r["ranking"]) == list(range(len(r["responses"]))) for r in rows)
     held = ev["heldout"]
     assert held["prompts"] == len(chats.eval_prompts("heldout"))
     assert held["prompts"] < held["answers"] <= 3 * held["prompts"]  # the same answer twice: once
@@ -162,13 +179,14 @@ def test_the_human_labeler_rejects_bad_input_and_resumes(tmp_path, capsys):
     rows = [json.loads(line) for line in open(path)]
     assert [(r["id"], r["ranking"]) for r in rows] == [(0, [1, 0, 2])]
     assert rows[0]["ended"] == [True, True, False] and rows[0]["messages"] == items[0]["messages"]
-    # the next start resumes at the first unlabeled prompt; s skips it, Ctrl-D stops
-    assert not human_rankings(items, answers, str(path), scripted("s", "CBA"))
-    assert "prompt 2 of 3" in capsys.readouterr().out
-    assert human_rankings(items, answers, str(path), scripted("ABC"))  # prompt 2: all ranked
-    rows = [json.loads(line) for line in open(path)]
-    assert [(r["id"], r["ranking"]) for r in rows] == [(0, [1, 0, 2]), (2, [2, 1, 0]),
-                                                       (1, [0, 1, 2])]
+    # the next start resumes at the first unlabeled prompt; s skips it (for good)
+    assert human_rankings(items, answers, str(path), scripted("s", "CBA"))
+    out = capsys.readouterr().out
+    assert "prompt 2 of 3" in out and "prompt 3 of 3" in out
+    assert human_rankings(items, answers, str(path), scripted())  # nothing left to ask
+    rows = read_comparisons(str(path))
+    assert [r["ranking"] for r in rows] == [[1, 0, 2], [2, 1, 0]]
+    assert json.loads(open(path).read().splitlines()[1]) == {"id": 1, "skipped": True}
 
 
 def test_the_human_labeler_from_the_command_line(tiny_sft, tmp_path, monkeypatch, capsys):
@@ -179,7 +197,11 @@ def test_the_human_labeler_from_the_command_line(tiny_sft, tmp_path, monkeypatch
             "--micro-batch", "2", "--no-behaviour-eval"]
     monkeypatch.setattr("sys.stdin", io.StringIO("BA\nq\n"))
     reward.main(args)
-    assert "1 of " in capsys.readouterr().err and not (out / "ckpt.pt").exists()
+    assert "ranked so far: 1 prompt(s)" in capsys.readouterr().err
+    assert not (out / "ckpt.pt").exists()
+    with pytest.raises(SystemExit):  # the teacher never overwrites a person's rankings
+        reward.main([a for a in args if a not in ("--labeler", "human")])
+    assert "holds rankings by a person" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO("AB\n" * 8))  # the rest, then it trains
     reward.main(args)
     ev = json.loads((out / "eval.json").read_text())
@@ -201,6 +223,10 @@ def test_the_human_labeler_from_the_command_line(tiny_sft, tmp_path, monkeypatch
     ({"messages": [{"role": "assistant", "content": "hi"}], "responses": ["a", "b"],
       "ranking": [1, 0]}, "messages: "),
     ({"responses": ["a", "b"], "ranking": [1, 0]}, "messages: missing"),
+    ({"messages": [{"role": "user", "content": "hi"}], "responses": ["a", "b"],
+      "ranking": [1.0, 0.0]}, "ranking: must list each response index"),
+    ({"messages": [{"role": "user", "content": "hi"}], "responses": ["a", "b"], "ranking": [1, 0],
+      "scores": [0.9, 0.1]}, "scores: one number per response, not increasing"),
 ])
 def test_bad_comparison_rows_name_file_line_and_field(tmp_path, row, message):
     path = tmp_path / "c.jsonl"
@@ -208,6 +234,19 @@ def test_bad_comparison_rows_name_file_line_and_field(tmp_path, row, message):
     with pytest.raises(Exception) as e:
         read_comparisons(str(path))
     assert str(e.value).startswith(f"{path}:3: {message}"), str(e.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--k", "1"], "--k 1: a ranking compares at least 2 answers"),
+    (["--prompts", "10"], "--prompts 10: fewer than one batch after the validation split"),
+])
+def test_settings_that_cannot_work_fail_before_sampling(tiny_sft, tmp_path, capsys, flags,
+                                                        message):
+    with pytest.raises(SystemExit) as e:
+        reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft,
+                     "--out-dir", str(tmp_path / "r"), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "comparisons.jsonl").exists()
 
 
 def test_a_prompt_longer_than_the_context_is_one_line(tiny_sft, tmp_path, capsys):
