@@ -251,8 +251,7 @@ def run(a, proc):
     if len(train_set) < s.batch_size:
         raise UserError(f"{len(train_set)} comparisons with a pair to learn from: fewer than one "
                         f"batch (--batch-size {s.batch_size})")
-    s.micro_batch, _ = split_batch(s.batch_size, s.micro_batch, proc,
-                                       "micro_batch" in a.given)
+    s.micro_batch, _ = split_batch(s.batch_size, s.micro_batch, proc, "micro_batch" in a.given)
     steps = s.epochs * (len(train_set) // s.batch_size)
     heldout = heldout_answers(policy, tok, s) if proc.master and not a.no_behaviour_eval else None
     del policy  # it has written every answer this stage needs
