@@ -121,8 +121,6 @@ class Sampler:
         ids = self.prompt_ids(text)
         room = self.model.config.block_size - len(ids)
         n = min(a.max_new_tokens, room)
-        if n < a.max_new_tokens:
-            print(f"note: only {room} tokens of context left; generating {n}", file=sys.stderr)
         stops = [tok.eot_id] + ([tok.special("<|end|>")] if self.chat else [])
         kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop_ids=stops,
                   pad_id=tok.pad_id)
@@ -148,6 +146,9 @@ class Sampler:
             out.flush()
             if ended == "<|endoftext|>":
                 print("[the model ended the document here]", file=sys.stderr)
+            elif not ended and len(reply) == n < a.max_new_tokens:  # said only when it cut
+                print(f"[cut: the context is full; {room} tokens were left for this answer]",
+                      file=sys.stderr)
             elif self.chat and not ended:
                 print("[no end of turn: the answer was cut at --max-new-tokens]", file=sys.stderr)
             if self.scorer:

@@ -146,3 +146,20 @@ def test_a_reward_model_checkpoint_is_refused_with_a_reason(ckpt, tmp_path, caps
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert f"{tmp_path} is a 'reward' checkpoint: a scalar head, which scores answers" in err
+
+
+def test_a_full_context_is_mentioned_only_when_it_cuts_an_answer(ckpt, capsys):
+    # a prompt that leaves about 3 tokens: the continuation is cut there, and that is said once
+    from common import load_checkpoint
+    _, tok, _ = load_checkpoint(ckpt)
+    words = "The capital of Peru is Lima and the capital of France is Paris. "
+    text = words * 40 + "The capital of Spain is the city of"  # mid-sentence: it goes on
+    while len(tok.encode(text)) + 1 > 128 - 3:
+        text = text[1:]
+    err = run(capsys, "--ckpt", ckpt, "--prompt", text, "--max-new-tokens", "50",
+              "--temperature", "0", "--device", "cpu").err
+    room = 128 - 1 - len(tok.encode(text))
+    assert err.count(f"[cut: the context is full; {room} tokens were left for this answer]") == 1
+    err = run(capsys, "--ckpt", ckpt, "--prompt", "The capital of Peru is", "--max-new-tokens",
+              "5", "--device", "cpu", "--seed", "0").err
+    assert "context is full" not in err  # room enough: no note
