@@ -272,3 +272,21 @@ def test_a_reward_model_is_no_policy_and_a_policy_no_reward_model(tiny_sft, tmp_
     with pytest.raises(SystemExit):
         reward.main(["--init-from", str(out), "--out-dir", str(tmp_path / "r"), "--device", "cpu"])
     assert "is a 'reward' checkpoint; expected sft or ppo" in capsys.readouterr().err
+
+
+def test_two_process_torchrun_matches_one_process(tiny_sft, tmp_path):
+    from tests.conftest import torchrun
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(64, 3)))
+    args = ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--comparisons",
+            str(path), "--no-behaviour-eval", "--batch-size", "8", "--micro-batch", "2",
+            "--eval-every", "2"]
+    reward.main(args + ["--out-dir", str(tmp_path / "one")])
+    torchrun("reward.py", args + ["--out-dir", str(tmp_path / "two")])
+    one, two = ({r["step"]: (r["loss"], r.get("val_accuracy")) for r in
+                 map(json.loads, open(tmp_path / d / "log.jsonl"))} for d in ("one", "two"))
+    assert sorted(two) == sorted(one) == list(range(1, 8))
+    for step in one:
+        assert two[step][0] == pytest.approx(one[step][0], rel=1e-4), step
+        assert two[step][1] == one[step][1], step
+    assert json.loads((tmp_path / "two" / "eval.json").read_text())["steps"] == 7
