@@ -61,6 +61,9 @@ class Scorer:
     def __init__(self, ckpt_dir, device):
         self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, ["reward"], device, "--score-with")
         self.offset, self.device = ckpt.get("score_offset", 0.0), device
+        if "score_offset" not in ckpt:
+            print(f"note: {ckpt_dir} has no score offset yet (its run has not finished): scores "
+                  "are not centred on the SFT model's mean", file=sys.stderr)
 
     def __call__(self, messages, text, ended, tok):
         if tok.checksum != self.tok.checksum:
