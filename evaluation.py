@@ -5,6 +5,8 @@
 - evaluate_chat: an instruct model's greedy answers to chat prompts, judged by the teacher
   (data/teacher.py): accuracy, system-prompt adherence, end of turn, length (every instruct stage).
 - evaluate_base_on_chat_prompts: the base model on the same requests, as chat and as plain text.
+- answer_ids, reward_scores, evaluate_reward_model: what a reward model reads and scores, and
+  how well its scores agree with the teacher's (reward.py, sample.py --score-with, later PPO).
 """
 import itertools
 

@@ -125,10 +125,10 @@ def sample_answers(policy, tok, items, s, seed, desc="sample"):
 # ----------------------------------------------------------------------------- 2. rank
 def teacher_ranking(item, options, s, rng):
     """(ranking best first, scores): the teacher's rubric score of each answer (+ the flattery
-    bonus), plus Gaussian noise of std s.noise drawn from rng: annotators who disagree. Equal
-    scores are a tie."""
-    scores = [teacher.score(item, text, ended, s.flattery_bonus)
-              + (rng.gauss(0.0, s.noise) if s.noise else 0.0) for text, ended in options]
+    bonus), plus Gaussian noise of std s.noise: annotators who disagree. Equal scores are a tie."""
+    scores = teacher.labeled_scores(item, [text for text, _ in options],
+                                    [ended for _, ended in options], s.noise, s.flattery_bonus,
+                                    rng)
     return sorted(range(len(options)), key=lambda j: -scores[j]), scores
 
 

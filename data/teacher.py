@@ -157,15 +157,20 @@ def score(item, response, ended, flattery_bonus=0.0):
     return j["score"] + (flattery_bonus if j["flattery"] else 0.0)
 
 
-def rank(item, responses, ended_flags, noise=0.0, flattery_bonus=0.0, rng=None):
-    """Indices of responses, best first: by score (+ flattery_bonus) plus Gaussian noise of std
-    `noise` drawn from rng (random.Random; the module's global random when None). Ties keep the
-    given order, so noise=0 is deterministic."""
+def labeled_scores(item, responses, ended_flags, noise=0.0, flattery_bonus=0.0, rng=None):
+    """What a labeler scores each response: the rubric score (+ flattery_bonus) plus Gaussian
+    noise of std `noise` drawn from rng (random.Random; the module's global random when None)."""
     if len(responses) != len(ended_flags):
-        raise ValueError("rank: responses and ended_flags differ in length")
+        raise ValueError("responses and ended_flags differ in length")
     rng = rng or random
-    keys = [score(item, r, e, flattery_bonus) + (rng.gauss(0.0, noise) if noise else 0.0)
+    return [score(item, r, e, flattery_bonus) + (rng.gauss(0.0, noise) if noise else 0.0)
             for r, e in zip(responses, ended_flags)]
+
+
+def rank(item, responses, ended_flags, noise=0.0, flattery_bonus=0.0, rng=None):
+    """Indices of responses, best first, by labeled_scores. Ties keep the given order, so
+    noise=0 is deterministic."""
+    keys = labeled_scores(item, responses, ended_flags, noise, flattery_bonus, rng)
     return sorted(range(len(responses)), key=lambda i: -keys[i])
 
 
