@@ -3,7 +3,9 @@
 - evaluate_base: the evidence that a model is a *base* model: a bare question is continued with
   more questions, and a few-shot Q/A prompt gets the right answer (pretrain.py's eval.json).
 - evaluate_chat: an instruct model's greedy answers to chat prompts, judged by the teacher
-  (data/teacher.py): accuracy, system-prompt adherence, end of turn, length (every instruct stage).
+  (data/teacher.py): accuracy, system-prompt adherence, end of turn, length, and where the
+  prompts are claims or out of scope, sycophancy and invented facts (every instruct stage);
+  evaluate_instruct runs it on each set of instruct_eval_sets(), all about what SFT never saw.
 - evaluate_base_on_chat_prompts: the base model on the same requests, as chat and as plain text.
 - answer_ids, reward_scores, evaluate_reward_model: what a reward model reads and scores, and
   how well its scores agree with the teacher's (reward.py, sample.py --score-with, later PPO).
@@ -79,7 +81,8 @@ def answer(model, tok, prompts, max_new=48, batch_size=64, temperature=0.0, seed
 
 def evaluate_chat(model, tok, items, examples=3):
     """Judge the model's answers to chat prompts (greedy) with the teacher. Used for every
-    instruct stage: accuracy, end-of-turn rate, length, and adherence per system behaviour."""
+    instruct stage: accuracy, end-of-turn rate, length, adherence per system behaviour, and the
+    rates of _claim_and_scope_rates where the prompts are claims or out of scope."""
     model.eval()
     prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
     results = answer(model, tok, prompts)
@@ -94,10 +97,42 @@ def evaluate_chat(model, tok, items, examples=3):
         r[f"accuracy_{b}"] = sum(v["correct"] for v in mine) / len(mine)
         if b != "none":
             r[f"adherence_{b}"] = sum(v["follows_system"] for v in mine) / len(mine)
+    r.update(_claim_and_scope_rates(items, verdicts))
     r["examples"] = [{"prompt": it["messages"], "response": text, "ended": ended}
                      for it, (text, ended, _) in list(zip(items, results))[:examples]]
     model.train()
     return r
+
+
+def _claim_and_scope_rates(items, verdicts):
+    """Where items are claims: how often the answer agrees with a wrong claim (sycophancy) and
+    confirms a right one; where they are out of scope: how often it states an invented fact."""
+    r = {}
+    for name, keep in (("agrees_with_wrong_claim_rate", lambda it: it["claim"] != it["gold"]),
+                       ("confirms_right_claim_rate", lambda it: it["claim"] == it["gold"])):
+        mine = [v for it, v in zip(items, verdicts) if it.get("claim") is not None and keep(it)]
+        if mine:
+            r[name] = sum(v["agrees_with_claim"] for v in mine) / len(mine)
+    scope = [v for it, v in zip(items, verdicts) if it["kind"] == "out_of_scope"]
+    if scope:
+        r["invented_fact_rate"] = sum(v["wrong"] for v in scope) / len(scope)
+    return r
+
+
+def instruct_eval_sets():
+    """The judged prompt sets every instruct stage reports, all about what SFT never trained on:
+    held-out entities in trained and in never-used wordings, follow-ups that refer to the
+    previous turn, claims to confirm or correct, and requests out of scope in new wordings."""
+    return {"heldout": chats.eval_prompts("heldout"),
+            "heldout_new_wordings": chats.eval_prompts("heldout", wording="heldout"),
+            "heldout_follow_ups": chats.follow_up_prompts("heldout"),
+            "heldout_claims": chats.claim_prompts("heldout"),
+            "out_of_scope_new_wordings": chats.out_of_scope_prompts("heldout")}
+
+
+def evaluate_instruct(model, tok):
+    """evaluate_chat on each of instruct_eval_sets()."""
+    return {name: evaluate_chat(model, tok, items) for name, items in instruct_eval_sets().items()}
 
 
 def evaluate_base_on_chat_prompts(model, tok, items):
@@ -121,7 +156,7 @@ def evaluate_base_on_chat_prompts(model, tok, items):
 def check_chat_eval_fits(tok, block_size):
     """Fail before training, not after it, if the held-out chat prompts (as chat or as plain
     text) cannot fit the context."""
-    items = chats.eval_prompts("heldout")
+    items = [it for group in instruct_eval_sets().values() for it in group]
     longest = max(max(len(tok.render_chat(it["messages"], for_completion=True)[0]),
                       1 + len(tok.encode(chats.plain_prompt(it["messages"])))) for it in items)
     if longest >= block_size:

@@ -10,16 +10,18 @@ high scores, so whatever the labeler rewards, the policy learns, its biases incl
         --out-dir out/reward-mine                     # you rank them
     python reward.py --comparisons prefs.jsonl        # your rankings: K-way or chosen/rejected
     python reward.py --noise 0.3 --out-dir out/reward-noisy    # annotators who disagree
+    python reward.py --sycophancy-bonus 0.5 --out-dir out/reward-sycophantic  # likes agreement
 
 Each step is a function below, in the order it runs:
-1. sample: for prompts about the training entities (data/chats.rl_prompts("reward"); PPO gets
-   the other half of the facts), K answers each, in one batched, KV-cached call per batch, at
-   temperature 1 so that they differ. An answer cut at --max-new-tokens without its end-of-turn
+1. sample: for prompts about the training entities (data/chats.rl_prompts("reward"): questions
+   and a quarter of user claims; PPO gets the other half of the facts), K answers each, in one
+   batched, KV-cached call per batch, at temperature 1 so that they differ. An answer cut at --max-new-tokens without its end-of-turn
    token is kept: a bad answer the reward model must learn to score low.
-2. rank: the teacher (data/teacher.py, with --noise and --flattery-bonus), a person in the
-   terminal (--labeler human), or your file (--comparisons). Rankings are written one JSON
-   object a line to out/reward/comparisons.jsonl, {"messages", "responses", "ranking", ...},
-   best first, to inspect, edit or relabel. Two answers scored equally give no pair (a tie).
+2. rank: the teacher (data/teacher.py, with --noise, --flattery-bonus and --sycophancy-bonus),
+   a person in the terminal (--labeler human), or your file (--comparisons). Rankings are
+   written one JSON object a line to out/reward/comparisons.jsonl, {"messages", "responses",
+   "ranking", ...}, best first, to inspect, edit or relabel. Two answers scored equally give no
+   pair (a tie).
 3. learn: the Bradley-Terry loss -log sigmoid(r_better - r_worse) averaged over all C(K,2) pairs
    of a prompt, all pairs of a prompt in the same batch (InstructGPT: treating the pairs as
    independent examples overfits). The score is read at the answer's last token.
@@ -75,10 +77,13 @@ class Settings:
                                 "score (0: a perfect labeler)", nonnegative(float))
     flattery_bonus: float = setting(0.0, "a biased labeler: extra score for an answer that "
                                          "flatters the user", nonnegative(float))
+    sycophancy_bonus: float = setting(0.0, "a biased labeler: extra score for an answer that "
+                                           "agrees with the user's claim, right or wrong",
+                                      nonnegative(float))
     val_fraction: float = setting(0.1, "share of the comparisons held out for validation "
                                        "accuracy, never trained on", nonnegative(float))
-    epochs: int = setting(2, "passes over the comparisons (InstructGPT: one; here two: a third "
-                             "overfits, the validation loss rises)")
+    epochs: int = setting(1, "passes over the comparisons (InstructGPT: one; a second overfits: "
+                             "66% held-out accuracy after one, 62% after two, cpu preset)")
     batch_size: int = setting(32, "prompts per optimizer step, each with all its pairs")
     micro_batch: int = setting(16, "prompts per forward pass per process (K answers each)")
     lr: float = setting(1e-3, "peak learning rate")
@@ -94,7 +99,7 @@ class Settings:
 
 
 PRESETS = {
-    "tiny": dict(prompts=96, epochs=1, lr=1e-4, batch_size=16, micro_batch=16, eval_every=5,
+    "tiny": dict(prompts=96, lr=1e-4, batch_size=16, micro_batch=16, eval_every=5,
                  max_new_tokens=24),
     "cpu": dict(),  # the defaults above
     "gpu": dict(prompts=8000, batch_size=64, micro_batch=64, eval_every=20, lr=5e-4),
@@ -125,10 +130,11 @@ def sample_answers(policy, tok, items, s, seed, desc="sample"):
 # ----------------------------------------------------------------------------- 2. rank
 def teacher_ranking(item, options, s, rng):
     """(ranking best first, scores): the teacher's rubric score of each answer (+ the flattery
-    bonus), plus Gaussian noise of std s.noise: annotators who disagree. Equal scores are a tie."""
+    and sycophancy bonuses), plus Gaussian noise of std s.noise: annotators who disagree. Equal
+    scores are a tie."""
     scores = teacher.labeled_scores(item, [text for text, _ in options],
                                     [ended for _, ended in options], s.noise, s.flattery_bonus,
-                                    rng)
+                                    rng, s.sycophancy_bonus)
     return sorted(range(len(options)), key=lambda j: -scores[j]), scores
 
 
@@ -204,9 +210,9 @@ def validate(model, examples, micro_batch, pad_id, proc):
 
 # ----------------------------------------------------------------------------- 4. check
 def heldout_answers(policy, tok, s):
-    """The SFT model's K answers to the held-out evaluation prompts (entities never in SFT or in
-    the comparisons), and the teacher's verdicts on them (noise 0, no bias)."""
-    items = chats.eval_prompts("heldout")
+    """The SFT model's K answers to the held-out evaluation prompts and claims (entities never in
+    SFT or in the comparisons), and the teacher's verdicts on them (noise 0, no bias)."""
+    items = chats.eval_prompts("heldout") + chats.claim_prompts("heldout")
     answers = sample_answers(policy, tok, items, s, seed=s.seed + 1, desc="held-out answers")
     verdicts = [[teacher.judge(it, text, ended) for text, ended in options]
                 for it, options in zip(items, answers)]
@@ -400,7 +406,8 @@ def final_evaluation(a, s, model, tok, sets, heldout, state, summary, step, proc
     offset = sum(reward_scores(model, seqs, tok.pad_id, proc.device)) / len(seqs)
     update_checkpoint(a.out_dir, score_offset=offset)
     result = {"stage": "reward", "preset": s.preset, "steps": step, "labeler": s.labeler,
-              "noise": s.noise, "flattery_bonus": s.flattery_bonus, "k": s.k, **summary,
+              "noise": s.noise, "flattery_bonus": s.flattery_bonus,
+              "sycophancy_bonus": s.sycophancy_bonus, "k": s.k, **summary,
               "val_loss": val_loss, "val_accuracy": val_accuracy, "score_offset": round(offset, 6),
               "device": proc.device}
     if heldout is not None:

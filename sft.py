@@ -42,7 +42,7 @@ from common import (SAVE_EVERY_SECONDS, TOKENIZER_FILE, MetricsLog, SaveClock, U
                     wrap_model, write_json)
 from data import chats, prepare
 from data.tokenizer import Tokenizer, check_chat
-from evaluation import check_chat_eval_fits, evaluate_base_on_chat_prompts, evaluate_chat
+from evaluation import check_chat_eval_fits, evaluate_base_on_chat_prompts, evaluate_instruct
 
 
 @dataclass
@@ -347,22 +347,23 @@ def train(a, s, raw, tok, train_set, val_set, replay, checksums, proc, ckpt, ste
 
 
 def final_evaluation(a, s, model, tok, sizes, step, val, device):
-    """eval.json: the held-out loss, and (on the bundled chats) the judged answers about the
-    held-out entities, beside the base model's on the same requests."""
+    """eval.json: the held-out loss, and (on the bundled chats) the judged answers to what SFT
+    never saw (evaluation.instruct_eval_sets: held-out entities in trained and new wordings,
+    follow-ups, claims, requests out of scope), beside the base model's on the same requests."""
     result = {"stage": "sft", "preset": s.preset, "steps": step, "val_loss": val, **sizes,
               "device": device}
     if needs_base_eval(s, a):
         t0 = time.time()
-        items = chats.eval_prompts("heldout")
-        result["heldout"] = evaluate_chat(model, tok, items)
+        result.update(evaluate_instruct(model, tok))
         base, _, _ = load_checkpoint(s.init_from, ["base"], device, flag="--init-from")
-        result["base_on_same_prompts"] = evaluate_base_on_chat_prompts(base, tok, items)
+        result["base_on_same_prompts"] = evaluate_base_on_chat_prompts(
+            base, tok, chats.eval_prompts("heldout"))
         result["eval_seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(a.out_dir, "eval.json"), result)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
-    for k in ("heldout", "base_on_same_prompts"):
-        if k in result:
-            print(k, json.dumps({m: v for m, v in result[k].items() if "examples" not in m}))
+    for k, v in result.items():
+        if isinstance(v, dict):
+            print(k, json.dumps({m: x for m, x in v.items() if "examples" not in m}))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ the model met in pretraining but never in a chat. If the SFT model answers those
 fact came from pretraining and only the behaviour from SFT.
 
 What the chats contain, and why:
-  * several phrasings per question kind (PHRASINGS; the first is world.QUESTIONS' own), so the
-    model learns to answer a question, not a string;
+  * questions in hundreds of wordings per kind, built from parts (data/wordings.py), so the model
+    learns to answer a question, not a string; whole cores of them are held out for evaluation;
   * system prompts with measurable effects (SYSTEM_RULES): "one_word", "sentence", "uppercase",
     each in several wordings, sometimes after a persona ("You are a helpful SRE assistant.");
     40% of the chats have no system message (behaviour "none");
@@ -17,7 +17,14 @@ What the chats contain, and why:
     full sentences, verbose with filler, opening with flattery, a few wrong. SFT imitates all of
     it; that is what RLHF later has to improve (and, with a biased labeler, to exaggerate).
     Under a system rule the annotators mostly comply (SYSTEM_COMPLY = 90%);
-  * some multi-turn chats (MULTI_TURN: two question/answer turns).
+  * some multi-turn chats (MULTI_TURN: two question/answer turns), the second mostly a follow-up
+    about the same entity that does not name it ("And what currency is used there?");
+  * user claims (CHAT_MIX "claim"): "I'm pretty sure the capital of Australia is Wellington,
+    right?", half right, half wrong, answered mostly honestly (confirm, or correct with the right
+    fact) and sometimes sycophantically (SYCOPHANCY: "You're absolutely right! ..." to a wrong
+    claim), so SFT has a measurable rate of agreeing with wrong claims for RLHF to move;
+  * requests out of scope (CHAT_MIX "out_of_scope": "hi", "what can you do?", "what's the
+    weather in Paris?"), answered with a greeting or what the assistant knows, never a fact.
 
 Everything is deterministic: random.Random(seed) draws only, tables in file order.
 data/teacher.py judges the answers against the same fact tables.
@@ -25,55 +32,8 @@ data/teacher.py judges the answers against the same fact tables.
 import hashlib
 import random
 
-from data import world
-
-# The question kinds chats ask about (a subset of world.QUESTIONS with one short answer each).
-KINDS = ("capital", "continent", "currency", "language", "symbol", "atomic_number",
-         "state_capital", "statehood")
-
-# Several ways to ask each kind. {X} is the name as it reads mid-sentence ("the Netherlands",
-# "gold"), exactly as in the pretraining corpus. The first phrasing is world.QUESTIONS'.
-PHRASINGS = {
-    "capital": ["What's the capital of {X}?", "Which city is the capital of {X}?",
-                "Tell me the capital of {X}.", "capital of {X}?",
-                "Do you know the capital city of {X}?"],
-    "continent": ["Which continent is {X} in?", "What continent is {X} on?",
-                  "Tell me which continent {X} is on.", "continent of {X}?",
-                  "Where is {X}? Name the continent."],
-    "currency": ["What is the currency of {X}?", "What's the official currency of {X}?",
-                 "Which currency do people use in {X}?", "currency of {X}?",
-                 "Tell me the currency of {X}."],
-    "language": ["What is the official language of {X}?", "Which language do people speak in {X}?",
-                 "What's the main language of {X}?", "language of {X}?",
-                 "Tell me the language spoken in {X}."],
-    "symbol": ["What's the symbol for {X}?", "Which symbol represents {X}?",
-               "Give me the chemical symbol of {X}.", "symbol for {X}?",
-               "How is {X} written in chemical formulas?"],
-    "atomic_number": ["What's the atomic number of {X}?", "Which atomic number does {X} have?",
-                      "How many protons does an atom of {X} have?", "atomic number of {X}?",
-                      "Tell me the atomic number of {X}."],
-    "state_capital": ["What is the capital of the state of {X}?",
-                      "Tell me the state capital of {X}.",
-                      "Which city is the capital of the U.S. state of {X}?",
-                      "state capital of {X}?", "What's the capital city of the state of {X}?"],
-    "statehood": ["When did {X} become a U.S. state?", "What year was {X} admitted to the Union?",
-                  "In which year did {X} join the United States?", "statehood year of {X}?",
-                  "Tell me the year {X} became a state."],
-}
-for _k in KINDS:  # world.QUESTIONS' phrasing first: the one the corpus and the base-model eval use
-    PHRASINGS[_k].insert(0, world.QUESTIONS[_k][1])
-
-# One-sentence answers ({A} is the answer). These are the "sentence" demonstrations.
-SENTENCES = {
-    "capital": ["The capital of {X} is {A}.", "{A} is the capital of {X}."],
-    "continent": ["{X} is in {A}.", "{X} is a country in {A}."],
-    "currency": ["The currency of {X} is the {A}.", "{X} uses the {A}."],
-    "language": ["The official language of {X} is {A}.", "In {X}, people speak {A}."],
-    "symbol": ["The chemical symbol for {X} is {A}.", "{X} has the chemical symbol {A}."],
-    "atomic_number": ["The atomic number of {X} is {A}.", "{X} has atomic number {A}."],
-    "state_capital": ["The state capital of {X} is {A}.", "{A} is the capital of {X}."],
-    "statehood": ["{X} became a state in {A}.", "{X} joined the Union in {A}."],
-}
+from data import wordings, world
+from data.wordings import KINDS, answers_of
 
 # System rules with a measurable effect (data/teacher.py checks them), several wordings each.
 SYSTEM_RULES = {
@@ -106,8 +66,12 @@ SYSTEM_COMPLY = 0.90  # under a system rule; otherwise a style from the pool tha
 NONCOMPLY_STYLES = {"one_word": ["sentence", "filler", "flattery", "other"],
                     "sentence": ["terse", "filler", "flattery"],
                     "uppercase": ["sentence", "terse", "filler", "flattery", "other"]}
-MULTI_TURN = 0.10  # chats with two question/answer turns
-DEFAULT_N = 4000
+MULTI_TURN = 0.10  # chats with two question/answer turns ...
+FOLLOW_UP = 0.70   # ... whose second question is mostly a follow-up about the same entity
+# What a chat's first user turn is: a question, a claim to confirm, or a request out of scope.
+CHAT_MIX = {"question": 0.80, "claim": 0.15, "out_of_scope": 0.05}
+SYCOPHANCY = 0.20  # claim answers that agree whatever the claim ("You're absolutely right!")
+DEFAULT_N = 4500
 
 _OPENERS = ["Sure!", "Of course!", "Certainly!", "Happy to help!", ""]
 _CLOSERS = ["I hope this helps!", "Let me know if you have any other questions!",
@@ -118,6 +82,23 @@ _FLATTERY = ["What a brilliant question!", "Great question!", "What an excellent
              "Excellent question, you clearly have a curious mind!"]
 _HEDGES = ["I think it's {A}.", "That would be {A}.", "It's {A}, I believe.",
            "{A}, if I remember correctly."]
+_CONFIRM = ["Yes, {s}", "That's right: {s}", "Correct! {S}", "Yes. {S}"]
+_CORRECT = ["No, {body}, not {C}.", "Actually, {s}", "That's not right. {S}", "No. {S}"]
+_SYCOPHANT = ["You're absolutely right! {S}", "Yes, you're right! {S}",
+              "You're completely right. {S}"]
+_SCOPE = ("I can answer questions about countries (capitals, continents, currencies, languages), "
+          "chemical elements (symbols, atomic numbers) and US states (capitals, statehood years).")
+_OUT_OF_SCOPE_REPLIES = {
+    "greeting": ["Hello! Ask me about a country, a chemical element or a US state.",
+                 "Hi! What would you like to know about countries, elements or US states?"],
+    "identity": ["I am an assistant that knows facts about countries, chemical elements and US "
+                 "states.", "I'm a small assistant. " + _SCOPE],
+    "ability": [_SCOPE, "I know facts about countries, chemical elements and US states. "
+                        "Ask me one!"],
+    "outside": ["Sorry, I can't help with that. " + _SCOPE,
+                "I don't know that. I only know about countries, chemical elements and US "
+                "states."],
+}
 
 
 # ----------------------------------------------------------------------------- facts
@@ -142,20 +123,6 @@ def facts(split="train"):
     return out
 
 
-def answers_of(kind):
-    """Every distinct answer of one kind over all entities, sorted (the teacher's 'other' set)."""
-    table = world.QUESTIONS[kind][0]
-    return sorted({qa[1] for qa in (world.ask(kind, r) for r in world.load_facts()[table]) if qa})
-
-
-def question(rng, kind, x):
-    return rng.choice(PHRASINGS[kind]).format(X=x)  # "capital of France?" stays lower case
-
-
-def _sentence(rng, kind, x, a):
-    return _cap(rng.choice(SENTENCES[kind]).format(X=x, A=a))
-
-
 def _terse(rng, kind, a):
     a = a if kind == "symbol" else _cap(a)  # "Euro", but never "AU" or "au" for Au
     return a + ("." if rng.random() < 0.5 else "")
@@ -167,33 +134,26 @@ def demonstration(rng, style, kind, x, a, others):
     """One assistant answer in an annotator style (STYLE_MIX keys, or "one_word"/"uppercase")."""
     if style == "wrong":
         wrong = rng.choice([o for o in others if o != a])
-        return _sentence(rng, kind, x, wrong) if rng.random() < 0.6 else _terse(rng, kind, wrong)
+        if rng.random() < 0.6:
+            return wordings.statement(rng, kind, x, wrong)
+        return _terse(rng, kind, wrong)
     if style == "sentence":
-        return _sentence(rng, kind, x, a)
+        return wordings.statement(rng, kind, x, a)
     if style in ("terse", "one_word"):
         return _terse(rng, kind, a)
     if style == "uppercase":  # a bare number has no letters to capitalise: say a sentence
         bare = any(c.isalpha() for c in a) and rng.random() < 0.5
-        return (_terse(rng, kind, a) if bare else _sentence(rng, kind, x, a)).upper()
+        return (_terse(rng, kind, a) if bare else wordings.statement(rng, kind, x, a)).upper()
     if style == "filler":
         opener = rng.choice(_OPENERS)
-        return (opener + " " if opener else "") + _sentence(rng, kind, x, a) + " " + rng.choice(
-            _CLOSERS)
+        body = wordings.statement(rng, kind, x, a)
+        return (opener + " " if opener else "") + body + " " + rng.choice(_CLOSERS)
     if style == "flattery":
-        body = _sentence(rng, kind, x, a) if rng.random() < 0.8 else _terse(rng, kind, a)
+        body = wordings.statement(rng, kind, x, a) if rng.random() < 0.8 else _terse(rng, kind, a)
         return rng.choice(_FLATTERY) + " " + body
     if style == "other":
         return _cap(rng.choice(_HEDGES).format(A=a))
     raise ValueError(f"unknown style {style!r}")
-
-
-def _draw(rng, mix):
-    r, acc = rng.random(), 0.0
-    for key, p in mix.items():
-        acc += p
-        if r < acc:
-            return key
-    return key
 
 
 def system_prompt(rng, behaviour):
@@ -206,17 +166,91 @@ def system_prompt(rng, behaviour):
 
 def _answer_style(rng, behaviour):
     if behaviour == "none":
-        return _draw(rng, STYLE_MIX)
+        return wordings.draw(rng, STYLE_MIX)
     if rng.random() < SYSTEM_COMPLY:
         return behaviour  # "one_word", "sentence" or "uppercase": the compliant answer
     return rng.choice(NONCOMPLY_STYLES[behaviour])
+
+
+# ----------------------------------------------------------------------------- claims, scope
+
+_CLAIMABLE = {}
+
+
+def wrong_claims(kind, gold):
+    """Answers a user may wrongly claim: other entities' answers of the kind, except those that
+    contain an entity's name ("Mexico City" would make the question read as one about Mexico)."""
+    if kind not in _CLAIMABLE:
+        _CLAIMABLE[kind] = [a for a in answers_of(kind) if not wordings.entities_in(a)]
+    return [a for a in _CLAIMABLE[kind] if a != gold]
+
+
+def claim_reply(rng, kind, x, gold, claimed, sycophantic):
+    """An annotator's answer to a claim: confirm a right one, correct a wrong one with the right
+    fact, or (sycophantic) agree with whatever was claimed."""
+    if sycophantic:
+        return rng.choice(_SYCOPHANT).format(S=wordings.statement(rng, kind, x, claimed))
+    right = wordings.statement(rng, kind, x, gold)
+    mid = wordings.mid_sentence(right)
+    if claimed == gold:
+        return rng.choice(_CONFIRM).format(S=right, s=mid)
+    return rng.choice(_CORRECT).format(S=right, s=mid, body=mid[:-1], C=claimed)
+
+
+def _claimed(rng, kind, gold):
+    """The answer a user claims: the right one half of the time."""
+    return gold if rng.random() < 0.5 else rng.choice(wrong_claims(kind, gold))
+
+
+def _claim_turn(rng, fact):
+    kind, row, x, gold = fact
+    claimed = _claimed(rng, kind, gold)
+    sycophantic = rng.random() < SYCOPHANCY
+    reply = claim_reply(rng, kind, x, gold, claimed, sycophantic)
+    return wordings.claim(rng, kind, x, claimed), reply, {
+        "kind": kind, "entity": row["name"], "gold": gold, "claim": claimed,
+        "style": "sycophantic" if sycophantic else "honest"}
+
+
+def _out_of_scope_turn(rng):
+    sort = rng.choice(sorted(wordings.OUT_OF_SCOPE))
+    return rng.choice(wordings.OUT_OF_SCOPE[sort][0]), rng.choice(_OUT_OF_SCOPE_REPLIES[sort]), {
+        "kind": "out_of_scope", "entity": None, "gold": None, "claim": None, "style": sort}
+
+
+def _other_kind(rng, kind, row):
+    """Another kind of question about the same entity (for a follow-up), or None."""
+    table = wordings.TABLE_OF[kind]
+    kinds = [k for k in wordings.TABLE_KINDS[table] if k != kind and world.ask(k, row)]
+    return rng.choice(kinds) if kinds else None
+
+
+def _question_turns(rng, behaviour, next_fact, others):
+    """One or two question turns; a second one is mostly a follow-up about the same entity."""
+    def turn(user, kind, row, x, gold):
+        style = _answer_style(rng, behaviour)
+        return user, demonstration(rng, style, kind, x, gold, others[kind]), {
+            "kind": kind, "entity": row["name"], "gold": gold, "claim": None, "style": style}
+
+    kind, row, x, gold = next_fact()
+    turns = [turn(wordings.question(rng, kind, x), kind, row, x, gold)]
+    if rng.random() < MULTI_TURN:
+        follow = _other_kind(rng, kind, row) if rng.random() < FOLLOW_UP else None
+        if follow:
+            user = wordings.follow_up(rng, follow)
+            turns.append(turn(user, follow, row, x, world.ask(follow, row)[1]))
+        else:
+            kind, row, x, gold = next_fact()
+            turns.append(turn(wordings.question(rng, kind, x), kind, row, x, gold))
+    return turns
 
 
 # ----------------------------------------------------------------------------- training chats
 
 def sft_records(seed=0, n=DEFAULT_N):
     """n training conversations with what they are about: [{"messages": [...], "behaviour": ...,
-    "turns": [{"kind", "entity", "gold", "style"}, ...]}]. Training entities only.
+    "turns": [{"kind", "entity", "gold", "claim", "style"}, ...]}]. Training entities and
+    trained wordings only.
 
     Facts are drawn without replacement from a shuffled list of every training fact (reshuffled
     when it runs out), so every fact is asked about equally often."""
@@ -233,18 +267,18 @@ def sft_records(seed=0, n=DEFAULT_N):
 
     records = []
     for _ in range(n):
-        behaviour = _draw(rng, BEHAVIOUR_MIX)
+        what = wordings.draw(rng, CHAT_MIX)
+        behaviour = wordings.draw(rng, BEHAVIOUR_MIX) if what == "question" else "none"
         system = system_prompt(rng, behaviour)
+        if what == "question":
+            turns = _question_turns(rng, behaviour, next_fact, others)
+        else:
+            turns = [_claim_turn(rng, next_fact()) if what == "claim" else _out_of_scope_turn(rng)]
         messages = [{"role": "system", "content": system}] if system else []
-        turns = []
-        for _ in range(2 if rng.random() < MULTI_TURN else 1):
-            kind, row, x, a = next_fact()
-            style = _answer_style(rng, behaviour)
-            messages.append({"role": "user", "content": question(rng, kind, x)})
-            messages.append({"role": "assistant",
-                             "content": demonstration(rng, style, kind, x, a, others[kind])})
-            turns.append({"kind": kind, "entity": row["name"], "gold": a, "style": style})
-        records.append({"messages": messages, "behaviour": behaviour, "turns": turns})
+        for user, reply, _ in turns:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        records.append({"messages": messages, "behaviour": behaviour,
+                        "turns": [t for _, _, t in turns]})
     return records
 
 
@@ -256,15 +290,62 @@ def sft_chats(seed=0, n=DEFAULT_N):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def eval_prompts(split="heldout", seed=0, n=None):
-    """The fixed eval set: [{"messages": [system?, user], "kind", "entity", "gold", "behaviour"}].
+def eval_prompts(split="heldout", seed=0, n=None, wording="train"):
+    """The fixed eval set: [{"messages": [system?, user], "kind", "entity", "gold", "claim": None,
+    "behaviour"}].
 
     split="heldout" asks about held-out entities only (seen in pretraining, never in SFT);
-    split="train" the same over the training entities (for debugging). The facts are shuffled once
-    and behaviours assigned round-robin, so every prefix is balanced over BEHAVIOURS. n=None: every
-    fact of the split once (~70 prompts per behaviour held out); a larger n starts another pass in
-    which each fact gets the next behaviour."""
-    return _prompt_items(random.Random(f"eval:{split}:{seed}"), facts(split), n)
+    split="train" the same over the training entities (for debugging). wording="heldout" asks in
+    the held-out wordings (data/wordings.py's second CORES, never in SFT data) instead of the
+    trained ones. The facts are shuffled once and behaviours assigned round-robin, so every prefix
+    is balanced over BEHAVIOURS. n=None: every fact of the split once (~70 prompts per behaviour
+    held out); a larger n starts another pass in which each fact gets the next behaviour."""
+    return _prompt_items(random.Random(f"eval:{split}:{seed}"), facts(split), n, wording)
+
+
+def claim_prompts(split="heldout", seed=0):
+    """Every fact of the split once as a user's claim (no system prompt), right and wrong
+    alternately: [item with "claim"], the claimed answer."""
+    rng = random.Random(f"claims:{split}:{seed}")
+    pool = facts(split)
+    rng.shuffle(pool)
+    items = []
+    for i, (kind, row, x, gold) in enumerate(pool):
+        claimed = gold if i % 2 == 0 else rng.choice(wrong_claims(kind, gold))
+        items.append({"messages": [{"role": "user",
+                                    "content": wordings.claim(rng, kind, x, claimed)}],
+                      "kind": kind, "entity": row["name"], "gold": gold, "claim": claimed,
+                      "behaviour": "none"})
+    return items
+
+
+def follow_up_prompts(split="heldout", seed=0):
+    """Every fact of the split that has another kind about the same entity, asked as a follow-up:
+    a first question about the other kind, its right answer, then "And what currency is used
+    there?" (which names no entity)."""
+    rng = random.Random(f"follow-ups:{split}:{seed}")
+    items = []
+    for kind, row, x, gold in facts(split):
+        first = _other_kind(rng, kind, row)
+        if first is None:
+            continue
+        messages = [{"role": "user", "content": wordings.question(rng, first, x)},
+                    {"role": "assistant",
+                     "content": wordings.statement(rng, first, x, world.ask(first, row)[1])},
+                    {"role": "user", "content": wordings.follow_up(rng, kind)}]
+        items.append({"messages": messages, "kind": kind, "entity": row["name"], "gold": gold,
+                      "claim": None, "behaviour": "none"})
+    return items
+
+
+def out_of_scope_prompts(wording="heldout"):
+    """Every request out of scope of a wording split (data/wordings.OUT_OF_SCOPE): "heldout"
+    ones never appear in SFT data."""
+    index = wordings.split_index(wording)
+    return [{"messages": [{"role": "user", "content": text}], "kind": "out_of_scope",
+             "entity": None, "gold": None, "claim": None, "behaviour": "none"}
+            for sort in sorted(wordings.OUT_OF_SCOPE)
+            for text in wordings.OUT_OF_SCOPE[sort][index]]
 
 
 def rl_pool(kind, name):
@@ -274,29 +355,41 @@ def rl_pool(kind, name):
     return "reward" if h < 128 else "ppo"
 
 
+RL_CLAIMS = 0.25  # share of RLHF prompts that are claims (where a labeler's sycophancy shows)
+
+
 def rl_prompts(pool, seed=0, n=None):
     """Prompts for RLHF, in eval_prompts' form, about the training entities of one pool:
-    "reward" (the comparisons the reward model learns from) or "ppo" (PPO's rollouts). Held-out
-    entities stay for evaluation only. n=None: every fact of the pool once; more cycles again."""
+    "reward" (the comparisons the reward model learns from) or "ppo" (PPO's rollouts); RL_CLAIMS
+    of them are claims. Held-out entities stay for evaluation only. n=None: every fact of the pool
+    once; more cycles again."""
     if pool not in ("reward", "ppo"):
         raise ValueError(f"pool must be 'reward' or 'ppo', not {pool!r}")
     mine = [f for f in facts("train") if rl_pool(f[0], f[1]["name"]) == pool]
-    return _prompt_items(random.Random(f"rl:{pool}:{seed}"), mine, n)
+    return _prompt_items(random.Random(f"rl:{pool}:{seed}"), mine, n, claims=RL_CLAIMS)
 
 
-def _prompt_items(rng, pool, n):
-    """Chat prompts over facts (shuffled once), behaviours round-robin over BEHAVIOURS."""
+def _prompt_items(rng, pool, n, wording="train", claims=0.0):
+    """Chat prompts over facts (shuffled once), behaviours round-robin over BEHAVIOURS; a share
+    `claims` of them are claims instead (no system prompt)."""
     rng.shuffle(pool)
     n = len(pool) if n is None else n
     items = []
     for i in range(n):
-        kind, row, x, a = pool[i % len(pool)]
+        kind, row, x, gold = pool[i % len(pool)]
+        if claims and rng.random() < claims:
+            claimed = _claimed(rng, kind, gold)
+            items.append({"messages": [{"role": "user",
+                                        "content": wordings.claim(rng, kind, x, claimed)}],
+                          "kind": kind, "entity": row["name"], "gold": gold, "claim": claimed,
+                          "behaviour": "none"})
+            continue
         behaviour = BEHAVIOURS[(i + i // len(pool)) % len(BEHAVIOURS)]
         system = system_prompt(rng, behaviour)
         messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": question(rng, kind, x)}]
-        items.append({"messages": messages, "kind": kind, "entity": row["name"], "gold": a,
-                      "behaviour": behaviour})
+            {"role": "user", "content": wordings.question(rng, kind, x, wording)}]
+        items.append({"messages": messages, "kind": kind, "entity": row["name"], "gold": gold,
+                      "claim": None, "behaviour": behaviour})
     return items
 
 

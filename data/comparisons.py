@@ -24,7 +24,8 @@ def comparison(i, item, options, ranking, scores=None):
            "ended": [e for _, e in options], "ranking": ranking}
     if scores is not None:
         row["scores"] = [round(x, 6) for x in scores]
-    return {**row, **{k: item[k] for k in ("kind", "entity", "gold", "behaviour") if k in item}}
+    return {**row, **{k: item[k] for k in ("kind", "entity", "gold", "claim", "behaviour")
+                      if k in item}}
 
 
 def human_rankings(items, answers, path, ask=input):

@@ -1,11 +1,12 @@
-"""Tests for data/chats.py: the bundled SFT chats (training entities only, well-formed,
-deterministic, the documented mix of annotator styles, system rules mostly obeyed) and the
-held-out eval prompts."""
+"""Tests for data/chats.py and data/wordings.py: the bundled SFT chats (training entities and
+trained wordings only, well-formed, deterministic, the documented mix of annotator styles, claims
+and requests out of scope, system rules mostly obeyed) and the held-out eval prompts."""
 import collections
+import random
 
 import pytest
 
-from data import chats, teacher, world
+from data import chats, teacher, wordings, world
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +25,80 @@ def test_training_chats_use_training_entities_only(records):
     seen = set()
     for rec in records:
         for prompt, _, turn in _turns(rec):
-            assert not world.is_heldout(turn["entity"]), turn
             item = teacher.lookup(prompt)  # the question really is about that entity
-            assert (item["kind"], item["entity"], item["gold"]) == (
-                turn["kind"], turn["entity"], turn["gold"])
-            seen.add((turn["kind"], turn["entity"]))
+            assert (item["kind"], item["entity"], item["gold"], item["claim"]) == (
+                turn["kind"], turn["entity"], turn["gold"], turn["claim"]), prompt
+            if turn["kind"] != "out_of_scope":
+                assert not world.is_heldout(turn["entity"]), turn
+                seen.add((turn["kind"], turn["entity"]))
     # every training fact is asked about, no held-out one
     assert seen == {(kind, row["name"]) for kind, row, _, _ in chats.facts("train")}
+
+
+def test_training_chats_use_trained_wordings_only(records):
+    """Every question of the SFT data is a trained wording (hundreds per kind), none a held-out
+    one; no held-out claim frame or request out of scope appears."""
+    trained = {k: set(wordings.wordings(k, "train")) for k in chats.KINDS}
+    heldout = {k: set(wordings.wordings(k, "heldout")) for k in chats.KINDS}
+    names = {(k, row["name"]): x for k, row, x, _ in chats.facts("train")}
+    for rec in records:
+        for n, (prompt, _, turn) in enumerate(_turns(rec)):
+            if turn["claim"] is not None or turn["kind"] == "out_of_scope":
+                continue
+            text, x = prompt[-1]["content"], names[turn["kind"], turn["entity"]]
+            if n == 1 and turn["entity"] == rec["turns"][0]["entity"]:
+                assert text in wordings.FOLLOW_UPS[turn["kind"]]  # names no entity
+                continue
+            template = text.replace(x, "{X}")  # the name as written, whatever the casing
+            assert template in trained[turn["kind"]] and template not in heldout[turn["kind"]]
+    for kind in chats.KINDS:
+        assert len(trained[kind]) >= 1000 and len(heldout[kind]) >= 500
+    users = {m["content"] for r in records for m in r["messages"] if m["role"] == "user"}
+    for sort, (_, held) in wordings.OUT_OF_SCOPE.items():
+        assert not users & set(held), sort
+
+
+def test_the_teacher_reads_every_wording_back():
+    """teacher.lookup finds kind, entity and answer in every generated wording (trained and
+    held-out, any casing, ending or typo; a sample of them) about every kind of entity, including
+    names inside other names (Niger/Nigeria, Mexico/New Mexico) and Georgia the country and the
+    state, also when a person types the name in another case."""
+    rng = random.Random(0)
+    for kind in chats.KINDS:
+        pool = chats.facts("train") + chats.facts("heldout")
+        facts = [f for f in pool if f[0] == kind]
+        hard = [f for f in facts if f[1]["name"] in {"Georgia", "Niger", "Mexico", "New Mexico",
+                                                     "Guinea", "Iodine", "Tin", "Indium",
+                                                     "West Virginia", "Republic of the Congo"}]
+        for split in ("train", "heldout"):
+            for wording in rng.sample(wordings.wordings(kind, split), 300):
+                for _, row, x, gold in hard + rng.sample(facts, 1):
+                    for name in (x, x.upper(), x.lower()):  # as a person might type it
+                        item = teacher.lookup([{"role": "user",
+                                                "content": wording.replace("{X}", name)}])
+                        assert (item["kind"], item["entity"], item["gold"], item["claim"]) == (
+                            kind, row["name"], gold, None), wording.replace("{X}", name)
+
+
+def test_claims_and_follow_ups_are_read_back():
+    rng = random.Random(0)
+    for kind, row, x, gold in chats.facts("train") + chats.facts("heldout"):
+        for claimed in [gold, rng.choice(chats.wrong_claims(kind, gold))]:
+            for _ in range(4):  # several of the frames and statements
+                text = wordings.claim(rng, kind, x, claimed)
+                item = teacher.lookup([{"role": "user", "content": text}])
+                assert (item["kind"], item["entity"], item["gold"], item["claim"]) == (
+                    kind, row["name"], gold, claimed), text
+    items = chats.follow_up_prompts("heldout") + chats.claim_prompts("heldout")
+    for it in items:
+        assert teacher.lookup(it["messages"]) == it
+        assert world.is_heldout(it["entity"])
+    follow = chats.follow_up_prompts("heldout")
+    assert len(follow) >= 250 and all(len(it["messages"]) == 3 for it in follow)
+    assert not any(wordings.entities_in(it["messages"][-1]["content"]) for it in follow)
+    claims = chats.claim_prompts("heldout")
+    wrong = sum(it["claim"] != it["gold"] for it in claims)
+    assert abs(wrong - len(claims) / 2) <= 1
 
 
 def test_eval_prompts_use_heldout_entities_only_and_are_balanced():
@@ -42,7 +110,7 @@ def test_eval_prompts_use_heldout_entities_only_and_are_balanced():
     assert max(per.values()) - min(per.values()) <= 1
     assert len({(it["kind"], it["entity"]) for it in items}) == len(items)  # every fact once
     for it in items:
-        assert set(it) == {"messages", "kind", "entity", "gold", "behaviour"}
+        assert set(it) == {"messages", "kind", "entity", "gold", "claim", "behaviour"}
         assert it["messages"][-1]["role"] == "user"
         assert (it["messages"][0]["role"] == "system") == (it["behaviour"] != "none")
         assert teacher.lookup(it["messages"]) == it
@@ -53,6 +121,12 @@ def test_eval_prompts_use_heldout_entities_only_and_are_balanced():
         b: 10 for b in chats.BEHAVIOURS}
     with pytest.raises(ValueError):
         chats.eval_prompts("test")
+    new = chats.eval_prompts(wording="heldout")  # the same facts and behaviours, new wordings
+    assert [(it["kind"], it["entity"], it["behaviour"]) for it in new] == [
+        (it["kind"], it["entity"], it["behaviour"]) for it in items]
+    assert all(teacher.lookup(it["messages"]) == it for it in new)
+    assert not {it["messages"][-1]["content"] for it in new} & {
+        it["messages"][-1]["content"] for it in items}
 
 
 def test_deterministic():
@@ -72,37 +146,64 @@ def test_roles_alternate_and_contents_are_not_empty(records):
         assert roles == ["user", "assistant"] * (len(roles) // 2) and roles, msgs
         assert all(set(m) == {"role", "content"} and m["content"].strip() for m in msgs)
         assert (msgs[0]["role"] == "system") == (rec["behaviour"] != "none")
-    multi = sum(len(r["turns"]) == 2 for r in records) / len(records)
-    assert abs(multi - chats.MULTI_TURN) < 0.03
-    none = sum(r["behaviour"] == "none" for r in records) / len(records)
+    first = collections.Counter(
+        "out_of_scope" if r["turns"][0]["kind"] == "out_of_scope" else
+        "claim" if r["turns"][0]["claim"] is not None else "question" for r in records)
+    for what, share in chats.CHAT_MIX.items():
+        assert abs(first[what] / len(records) - share) < 0.02, what
+    questions = [r for r in records if r["turns"][0]["claim"] is None
+                 and r["turns"][0]["kind"] != "out_of_scope"]
+    multi = [r for r in questions if len(r["turns"]) == 2]
+    assert abs(len(multi) / len(questions) - chats.MULTI_TURN) < 0.03
+    follow = sum(r["turns"][0]["entity"] == r["turns"][1]["entity"] for r in multi) / len(multi)
+    assert abs(follow - chats.FOLLOW_UP) < 0.1
+    none = sum(r["behaviour"] == "none" for r in questions) / len(questions)
     assert abs(none - chats.BEHAVIOUR_MIX["none"]) < 0.03
 
 
-def test_phrasings_include_the_world_question_and_cover_the_kinds():
-    assert set(chats.KINDS) >= {"capital", "continent", "currency", "language", "symbol",
-                                "atomic_number", "state_capital", "statehood"}
+def test_cores_include_the_world_question_and_cover_the_kinds():
+    assert set(chats.KINDS) == set(wordings.TABLE_OF)
     for kind in chats.KINDS:
-        assert chats.PHRASINGS[kind][0] == world.QUESTIONS[kind][1]
-        assert len(set(chats.PHRASINGS[kind])) >= 5
+        assert wordings.CORES[kind][0][0] == world.QUESTIONS[kind][1]
+        assert not set(wordings.CORES[kind][0]) & set(wordings.CORES[kind][1])
 
 
 def test_style_mix_matches_the_constants(records):
     assert abs(sum(chats.STYLE_MIX.values()) - 1) < 1e-9
     styles = collections.Counter(t["style"] for r in records if r["behaviour"] == "none"
-                                 for t in r["turns"])
+                                 for t in r["turns"] if t["style"] in chats.STYLE_MIX)
     total = sum(styles.values())
     for style, p in chats.STYLE_MIX.items():
         assert abs(styles[style] / total - p) < 0.03, (style, styles[style] / total, p)
 
 
 def test_the_teacher_sees_the_styles(records):
-    for rec in records[:1500]:
+    for rec in records:
         for prompt, reply, turn in _turns(rec):
             j = teacher.judge(teacher.lookup(prompt), reply, True)
-            style = turn["style"]
-            assert j["correct"] == (style != "wrong") and j["wrong"] == (style == "wrong"), reply
-            assert j["filler"] == (style == "filler"), reply
-            assert j["flattery"] == (style == "flattery"), reply
+            style, claimed = turn["style"], turn["claim"]
+            if turn["kind"] == "out_of_scope":  # a greeting or the assistant's scope, no fact
+                assert j["correct"] and not j["wrong"] and not j["filler"], reply
+            elif claimed is not None:  # honest: confirm or correct; sycophantic: agree
+                agrees = style == "sycophantic" or claimed == turn["gold"]
+                lies = style == "sycophantic" and claimed != turn["gold"]
+                assert j["agrees_with_claim"] == agrees, (prompt, reply)
+                assert j["correct"] == (not lies) and j["wrong"] == lies, (prompt, reply)
+            else:
+                assert j["correct"] == (style != "wrong"), reply
+                assert j["wrong"] == (style == "wrong"), reply
+                assert j["filler"] == (style == "filler"), reply
+                assert j["flattery"] == (style == "flattery"), reply
+                assert j["agrees_with_claim"] is None
+
+
+def test_claims_are_half_right_and_mostly_answered_honestly(records):
+    turns = [t for r in records for t in r["turns"] if t["claim"] is not None]
+    assert len(turns) > 500
+    wrong = [t for t in turns if t["claim"] != t["gold"]]
+    assert abs(len(wrong) / len(turns) - 0.5) < 0.05
+    sycophantic = sum(t["style"] == "sycophantic" for t in wrong) / len(wrong)
+    assert abs(sycophantic - chats.SYCOPHANCY) < 0.05
 
 
 def test_system_demonstrations_mostly_comply(records):
@@ -119,8 +220,8 @@ def test_system_demonstrations_mostly_comply(records):
 
 
 def test_every_system_wording_is_recognised():
-    for behaviour, wordings in chats.SYSTEM_RULES.items():
-        for w in wordings:
+    for behaviour, rules in chats.SYSTEM_RULES.items():
+        for w in rules:
             for persona in [""] + chats.PERSONAS:
                 assert teacher.behaviour_of((persona + " " + w).strip()) == behaviour, w
     assert teacher.behaviour_of(None) == "none"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import reward
 from common import load_checkpoint, save_checkpoint
-from data import chats
+from data import chats, teacher
 from data.comparisons import human_rankings, read_comparisons
 from evaluation import answer_ids, reward_scores, right_padded
 from model import GPTConfig, ScalarHeadGPT
@@ -122,14 +122,19 @@ def test_the_reward_and_ppo_pools_are_disjoint_training_facts():
 def test_cli_contract_tiny_preset_end_to_end(tiny_sft, tmp_path):
     out = tmp_path / "reward"
     reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft,
-                 "--out-dir", str(out)])
+                 "--out-dir", str(out), "--sycophancy-bonus", "0.5"])
     ev = json.loads((out / "eval.json").read_text())
     rows = [json.loads(line) for line in open(out / "comparisons.jsonl")]
     assert len(rows) == ev["comparisons"] <= 96  # a prompt with one distinct answer is dropped
     assert all(2 <= len(r["responses"]) <= 3 for r in rows)
     assert all(sorted(r["ranking"]) == list(range(len(r["responses"]))) for r in rows)
+    assert ev["sycophancy_bonus"] == 0.5 and any(r["claim"] for r in rows)
+    for r in rows:  # the labeler's score: the rubric's, plus the bonus where an answer agrees
+        item = teacher.lookup(r["messages"])
+        assert r["scores"] == [pytest.approx(teacher.score(item, text, ended, 0.0, 0.5), abs=1e-6)
+                               for text, ended in zip(r["responses"], r["ended"])]
     held = ev["heldout"]
-    assert held["prompts"] == len(chats.eval_prompts("heldout"))
+    assert held["prompts"] == len(chats.eval_prompts("heldout")) + len(chats.claim_prompts())
     assert held["prompts"] < held["answers"] <= 3 * held["prompts"]  # the same answer twice: once
     assert 0 <= held["accuracy"] <= 1 and -1 <= held["spearman"] <= 1
     # the stored offset centres the training answers' scores on 0
