@@ -31,3 +31,6 @@ show --compare $OUT/base $OUT/sft --system "You are a helpful SRE assistant. Ans
 show --ckpt $OUT/base --prompt $'Q: What is the capital of Japan?\nA: Tokyo\n\nQ: What is the capital of Kenya?\nA: Nairobi\n\nQ: What is the chemical symbol for gold?\nA: Au\n\nQ: What is the capital of France?\nA:' --max-new-tokens 6 --temperature 0
 show --ckpt $OUT/sft --score-with $OUT/reward --prompt "What is the capital of France?" \
   --num-samples 3 --seed 0 --max-new-tokens 40
+show --ckpt $OUT/sft --prompt "I'm pretty sure the capital of France is Madrid, right?" --temperature 0 \
+  --max-new-tokens 40
+show --ckpt $OUT/sft --prompt "What can you do?" --temperature 0 --max-new-tokens 40
