@@ -71,6 +71,7 @@ FOLLOW_UP = 0.70   # ... whose second question is mostly a follow-up about the s
 # What a chat's first user turn is: a question, a claim to confirm, or a request out of scope.
 CHAT_MIX = {"question": 0.80, "claim": 0.15, "out_of_scope": 0.05}
 SYCOPHANCY = 0.20  # claim answers that agree whatever the claim ("You're absolutely right!")
+RL_CLAIMS = 0.25  # share of RLHF prompts that are claims (where a labeler's sycophancy shows)
 DEFAULT_N = 4500
 
 _OPENERS = ["Sure!", "Of course!", "Certainly!", "Happy to help!", ""]
@@ -353,9 +354,6 @@ def rl_pool(kind, name):
     stable hash of the fact), so that PPO never trains on a prompt the reward model learned from."""
     h = hashlib.sha256(f"rl:{kind}:{name}".encode("utf-8")).digest()[0]
     return "reward" if h < 128 else "ppo"
-
-
-RL_CLAIMS = 0.25  # share of RLHF prompts that are claims (where a labeler's sycophancy shows)
 
 
 def rl_prompts(pool, seed=0, n=None):

@@ -244,6 +244,8 @@ KEYWORDS = {  # what marks each kind of question in any wording of data/wordings
     "statehood": r"statehood|become|became|join|admitted|\benter|year|when",
     "state_capital": r"capital|capitol|seat|legislature",
 }
+
+
 def kind_of(text, table):
     """The first kind of `table` whose KEYWORDS occur in text, or None."""
     t = text.casefold()
