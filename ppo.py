@@ -1,7 +1,10 @@
 """Stage 4: PPO moves the instruct model toward answers the reward model scores high (RLHF, half 2).
 
-WORK IN PROGRESS (branch ppo-wip): the loop runs on one process; resume, DDP and the judged
-evaluation (eval.json) are not written yet.
+    python ppo.py                       # out/sft + out/reward -> out/ppo
+    python ppo.py --preset tiny --init-from out/tiny/sft --reward-from out/tiny/reward
+
+WORK IN PROGRESS (branch ppo-wip): one process only; --resume is refused; eval.json holds the
+judged answers of the PPO model (evaluation.evaluate_instruct), not yet the SFT comparison.
 
 Four networks:
   policy     the model being trained, initialised from the SFT model;
@@ -19,14 +22,20 @@ One update, in the order of the functions below:
    returns = advantages + values, the critic's targets.
 4. learn: ppo_epochs passes over minibatches: the clipped policy ratio, the clipped value loss.
 """
+import copy
+import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+from tqdm import tqdm
 
-from common import setting
-from data import chats
-from evaluation import answer_ids, reward_scores
+from common import (MetricsLog, UserError, check_out_dir, launch, load_checkpoint,
+                    parse_stage_args, prepare_out_dir, resolve_settings, save_checkpoint, seed_arg,
+                    setting, write_json)
+from data import chats, teacher
+from evaluation import answer_ids, evaluate_instruct, reward_scores
 
 
 @dataclass
@@ -52,8 +61,16 @@ class Settings:
     no_end_penalty: float = setting(-1.0, "score of an answer with no end-of-turn token, in place "
                                           "of the reward model's (N+ details: a fixed penalty)")
     grad_clip: float = setting(1.0, "max gradient norm of each network")
-    seed: int = setting(1337, "prompts, sampling, minibatch order")
+    seed: int = setting(1337, "prompts, sampling, minibatch order", seed_arg)
     preset: str = "cpu"
+
+
+PRESETS = {
+    "tiny": dict(updates=4, rollout_batch=16, minibatch=8, ppo_epochs=2, max_new_tokens=16,
+                 lr=1e-4),
+    "cpu": {},
+    "gpu": dict(updates=200, rollout_batch=256, minibatch=64, max_new_tokens=48, lr=3e-6),
+}
 
 
 # ----------------------------------------------------------------------------- 1. rollout
@@ -84,6 +101,16 @@ def answer_logprobs(model, batch, temperature):
     """log pi(answer token t | prompt, answer[:t]) at the sampling temperature: (B, R)."""
     L = batch["prompt_len"]
     return model.token_logprobs(batch["ids"], pad=batch["pad"], temperature=temperature)[:, L - 1:]
+
+
+def logprobs_and_entropy(policy, batch, temperature):
+    """The training forward: answer_logprobs with gradients, and the policy's entropy at each
+    answer position (from the same logits, for the log)."""
+    L = batch["prompt_len"]
+    logits, _ = policy(batch["ids"], pad=batch["pad"])
+    logprobs = (logits[:, L - 1:-1].float() / temperature).log_softmax(-1)
+    chosen = logprobs.gather(-1, batch["ids"][:, L:, None]).squeeze(-1)
+    return chosen, -(logprobs.exp() * logprobs).sum(-1).detach()
 
 
 def answer_values(critic, batch):
@@ -185,11 +212,12 @@ def learn(policy, critic, opts, batch, old, s, rng):
             part = {"ids": batch["ids"][rows], "pad": batch["pad"][rows],
                     "mask": batch["mask"][rows], "prompt_len": batch["prompt_len"]}
             mask = part["mask"]
-            logits_logprobs = answer_logprobs(policy, part, s.temperature)
+            logprobs, entropy = logprobs_and_entropy(policy, part, s.temperature)
             values = answer_values(critic, part)
             policy_loss, value_loss, stats = ppo_losses(
-                logits_logprobs, old["logprobs"][rows], old["advantages"][rows], values,
+                logprobs, old["logprobs"][rows], old["advantages"][rows], values,
                 old["values"][rows], old["returns"][rows], mask, s)
+            stats["entropy"] = masked_mean(entropy, mask).item()
             loss = policy_loss + s.value_coef * value_loss
             loss.backward()
             for model, opt in zip((policy, critic), opts):
@@ -229,7 +257,16 @@ def update(models, tok, items, s, step, opts, rng, score_fn, offset):
                                                 "advantages": advantages, "returns": returns},
                   s, rng)
     kl = ((logprobs - ref_logprobs) * mask).sum(1).mean().item()
-    return {"update": step + 1, "score": scores.mean().item(), "kl": kl,
+    verdicts = [teacher.judge(it, text, ended) for it, text, ended in
+                zip(items, texts, batch["ended"].tolist())]
+    gold = {"gold_score": sum(v["score"] for v in verdicts) / len(verdicts),
+            "flattery_rate": sum(v["flattery"] for v in verdicts) / len(verdicts),
+            "filler_rate": sum(v["filler"] for v in verdicts) / len(verdicts)}
+    claims = [v for it, v in zip(items, verdicts) if it["claim"] not in (None, it["gold"])]
+    if claims:
+        gold["agrees_with_wrong_claim_rate"] = sum(v["agrees_with_claim"] for v in claims) / len(
+            claims)
+    return {"update": step + 1, "score": scores.mean().item(), "kl": kl, **gold,
             "length": mask.sum(1).mean().item(), "end_rate": batch["ended"].float().mean().item(),
             "explained_variance": explained_variance(values, returns, mask),
             **stats, "seconds_rollout": round(t1 - t0, 2), "seconds_scoring": round(t2 - t1, 2),
@@ -254,5 +291,45 @@ def train(models, tok, s, score_fn=None, offset=0.0, log=print):
     return lines
 
 
+# ----------------------------------------------------------------------------- the run
+def main(argv=None):
+    launch(run, parse_stage_args(argv, __doc__, Settings, PRESETS, "out/ppo"))
+
+
+def run(a, proc):
+    if a.resume or proc.world_size > 1:
+        raise UserError("ppo.py (work in progress) runs in one process and cannot resume yet")
+    s = resolve_settings(Settings, PRESETS, a, proc.device)
+    check_out_dir(a.out_dir, resume=False, source=s.init_from)
+    policy, tok, _ = load_checkpoint(s.init_from, ["sft", "ppo"], proc.device, "--init-from")
+    reward_model, reward_tok, reward_ckpt = load_checkpoint(s.reward_from, ["reward"], proc.device,
+                                                            "--reward-from")
+    if reward_tok.checksum != tok.checksum:
+        raise UserError(f"--reward-from {s.reward_from}: trained with another tokenizer than "
+                        f"--init-from {s.init_from}")
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    critic = copy.deepcopy(reward_model)  # the value head starts from the reward head
+    reward_model.eval().requires_grad_(False)
+    prepare_out_dir(a.out_dir, tok, resume=False, write=proc.master)
+    log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"))
+    bar = tqdm(total=s.updates, desc="ppo", dynamic_ncols=True)
+
+    def show(line):
+        log.write(**{k: v for k, v in line.items() if k != "examples"})
+        bar.update(1)
+        bar.set_postfix({k: round(line[k], 3) for k in ("score", "gold_score", "kl")})
+
+    train((policy, reference, reward_model, critic), tok, s,
+          offset=reward_ckpt.get("score_offset") or 0.0, log=show)
+    bar.close()
+    save_checkpoint(a.out_dir, "ppo", policy, tok, config=asdict(s), step=s.updates)
+    result = {"stage": "ppo", "preset": s.preset, "updates": s.updates, "device": proc.device,
+              **evaluate_instruct(policy, tok)}
+    write_json(os.path.join(a.out_dir, "eval.json"), result)
+    for k, v in result.items():
+        if isinstance(v, dict):
+            print(k, json.dumps({m: x for m, x in v.items() if "examples" not in m}))
+
+
 if __name__ == "__main__":
-    raise SystemExit("ppo.py is work in progress (branch ppo-wip): see its docstring")
+    main()

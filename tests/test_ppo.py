@@ -80,6 +80,9 @@ def test_sampled_logprobs_equal_the_training_forward_for_left_padded_prompts(mod
         alone = batch["ids"][b:b + 1, int(batch["pad"][b]):L + n]
         expected = policy.token_logprobs(alone, temperature=0.7)[0, -n:]
         torch.testing.assert_close(together[b, :n], expected, atol=1e-4, rtol=1e-4)
+    training, entropy = ppo.logprobs_and_entropy(policy, batch, s.temperature)
+    torch.testing.assert_close(training, together)
+    assert (entropy >= 0).all()
     values = ppo.answer_values(critic, batch)
     zeros = torch.zeros_like(together)
     _, _, stats = ppo.ppo_losses(together, together.clone(), zeros, values, values, values,
