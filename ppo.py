@@ -3,8 +3,8 @@
     python ppo.py                       # out/sft + out/reward -> out/ppo
     python ppo.py --preset tiny --init-from out/tiny/sft --reward-from out/tiny/reward
 
-WORK IN PROGRESS (branch ppo-wip): one process only; --resume is refused; eval.json holds the
-judged answers of the PPO model (evaluation.evaluate_instruct), not yet the SFT comparison.
+WORK IN PROGRESS (branch ppo-wip): one process only; --resume is refused. eval.json: the SFT and
+the PPO model side by side, greedy (evaluation.evaluate_instruct) and sampled (sampled_heldout).
 
 Four networks:
   policy     the model being trained, initialised from the SFT model;
@@ -129,16 +129,21 @@ def rewards(logprobs, ref_logprobs, scores, mask, kl_coef):
     return out * mask
 
 
+def answer_texts(tok, batch):
+    """Each answer's text: its real tokens, without the stop token."""
+    L, texts = batch["prompt_len"], []
+    for row, m, ended in zip(batch["ids"][:, L:].tolist(), batch["mask"].tolist(),
+                             batch["ended"].tolist()):
+        texts.append(tok.decode([t for t, keep in zip(row, m) if keep][:-1 if ended else None]))
+    return texts
+
+
 def scores_of(reward_model, tok, items, batch, offset, no_end_penalty):
     """The reward model's score of each answer (its offset subtracted: 0 = an average SFT answer),
     or no_end_penalty for an answer that never ended."""
-    L, device = batch["prompt_len"], batch["ids"].device
-    texts, seqs = [], []
-    for it, row, m, ended in zip(items, batch["ids"][:, L:].tolist(), batch["mask"].tolist(),
-                                 batch["ended"].tolist()):
-        body = [t for t, keep in zip(row, m) if keep][:-1 if ended else None]
-        texts.append(tok.decode(body))
-        seqs.append(answer_ids(tok, it["messages"], texts[-1], ended))
+    device, texts = batch["ids"].device, answer_texts(tok, batch)
+    seqs = [answer_ids(tok, it["messages"], text, ended)
+            for it, text, ended in zip(items, texts, batch["ended"].tolist())]
     scores = torch.tensor(reward_scores(reward_model, seqs, tok.pad_id, device, offset),
                           device=device)
     return torch.where(batch["ended"], scores, torch.full_like(scores, no_end_penalty)), texts
@@ -324,11 +329,33 @@ def run(a, proc):
     bar.close()
     save_checkpoint(a.out_dir, "ppo", policy, tok, config=asdict(s), step=s.updates)
     result = {"stage": "ppo", "preset": s.preset, "updates": s.updates, "device": proc.device,
-              **evaluate_instruct(policy, tok)}
+              "sampled": {"sft": sampled_heldout(reference, reference, tok, s),
+                          "ppo": sampled_heldout(policy, reference, tok, s)},
+              "sft": evaluate_instruct(reference, tok), "ppo": evaluate_instruct(policy, tok)}
     write_json(os.path.join(a.out_dir, "eval.json"), result)
-    for k, v in result.items():
-        if isinstance(v, dict):
-            print(k, json.dumps({m: x for m, x in v.items() if "examples" not in m}))
+    print(json.dumps(result["sampled"]))
+    for name in ("heldout", "heldout_claims", "out_of_scope_new_wordings"):
+        for model in ("sft", "ppo"):
+            print(model, name, json.dumps({m: x for m, x in result[model][name].items()
+                                           if "examples" not in m}))
+
+
+@torch.no_grad()
+def sampled_heldout(model, reference, tok, s):
+    """The model's sampled answers (as in training) to the held-out questions and claims: mean
+    gold score, end-of-turn rate, length, and KL(model || SFT), summed over answer tokens."""
+    items = chats.eval_prompts("heldout") + chats.claim_prompts("heldout")
+    model.eval()
+    batch = rollout(model, tok, items, s, seed=s.seed)
+    mask = batch["mask"]
+    kl = ((answer_logprobs(model, batch, s.temperature)
+           - answer_logprobs(reference, batch, s.temperature)) * mask).sum(1)
+    verdicts = [teacher.judge(it, text, ended) for it, text, ended in
+                zip(items, answer_texts(tok, batch), batch["ended"].tolist())]
+    return {"gold_score": sum(v["score"] for v in verdicts) / len(verdicts),
+            "accuracy": sum(v["correct"] for v in verdicts) / len(verdicts),
+            "end_of_turn_rate": batch["ended"].float().mean().item(),
+            "mean_length_tokens": mask.sum(1).mean().item(), "kl_to_sft": kl.mean().item()}
 
 
 if __name__ == "__main__":
