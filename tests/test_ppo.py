@@ -106,3 +106,27 @@ def test_a_few_updates_raise_a_programmatic_reward(models):
     first, last = lines[0]["score"], sum(r["score"] for r in lines[-2:]) / 2
     assert last > first + 0.3, [r["score"] for r in lines]
     assert lines[-1]["length"] < lines[0]["length"] and lines[-1]["kl"] > 0
+
+
+def test_the_command_line_trains_saves_a_policy_and_compares_it_with_sft(tiny_sft, tmp_path):
+    import json
+
+    import reward
+    import sample
+    reward_dir, out = tmp_path / "reward", tmp_path / "ppo"
+    reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--out-dir",
+                 str(reward_dir), "--prompts", "32", "--no-behaviour-eval"])
+    ppo.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-from",
+              str(reward_dir), "--out-dir", str(out), "--updates", "2"])
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["update"] for r in log] == [1, 2]
+    for key in ("score", "gold_score", "kl", "entropy", "approx_kl", "clip_fraction", "ratio",
+                "value_loss", "explained_variance", "grad_norm_policy", "length", "end_rate",
+                "seconds_rollout", "seconds_scoring", "seconds_learning"):
+        assert key in log[0], key
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["sampled"]["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4)
+    assert set(ev["sft"]) == set(ev["ppo"]) >= {"heldout", "heldout_claims"}
+    _, _, ckpt = load_checkpoint(str(out), ["ppo"])
+    assert ckpt["stage"] == "ppo"
+    sample.main(["--ckpt", str(out), "--prompt", "hi", "--max-new-tokens", "4", "--device", "cpu"])
