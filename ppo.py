@@ -3,8 +3,8 @@
     python ppo.py                       # out/sft + out/reward -> out/ppo
     python ppo.py --preset tiny --init-from out/tiny/sft --reward-from out/tiny/reward
 
-WORK IN PROGRESS (branch ppo-wip): one process only; --resume is refused. eval.json: the SFT and
-the PPO model side by side, greedy (evaluation.evaluate_instruct) and sampled (sampled_heldout).
+WORK IN PROGRESS (branch ppo-wip): one process only (no DDP yet). eval.json: the SFT and the PPO
+model side by side, greedy (evaluation.evaluate_instruct) and sampled (sampled_heldout).
 
 Four networks:
   policy     the model being trained, initialised from the SFT model;
@@ -61,6 +61,7 @@ class Settings:
     no_end_penalty: float = setting(-1.0, "score of an answer with no end-of-turn token, in place "
                                           "of the reward model's (N+ details: a fixed penalty)")
     grad_clip: float = setting(1.0, "max gradient norm of each network")
+    save_every: int = setting(5, "updates between checkpoints (policy, critic, optimizers)")
     seed: int = setting(1337, "prompts, sampling, minibatch order", seed_arg)
     preset: str = "cpu"
 
@@ -271,28 +272,39 @@ def update(models, tok, items, s, step, opts, rng, score_fn, offset):
     if claims:
         gold["agrees_with_wrong_claim_rate"] = sum(v["agrees_with_claim"] for v in claims) / len(
             claims)
-    return {"update": step + 1, "score": scores.mean().item(), "kl": kl, **gold,
+    return {"step": step + 1, "score": scores.mean().item(), "kl": kl, **gold,
             "length": mask.sum(1).mean().item(), "end_rate": batch["ended"].float().mean().item(),
             "explained_variance": explained_variance(values, returns, mask),
             **stats, "seconds_rollout": round(t1 - t0, 2), "seconds_scoring": round(t2 - t1, 2),
             "seconds_learning": round(time.time() - t2, 2), "examples": texts[:2]}
 
 
-def train(models, tok, s, score_fn=None, offset=0.0, log=print):
-    """s.updates PPO updates on the PPO prompt pool; returns the log lines."""
+def train(models, tok, s, score_fn=None, offset=0.0, log=print, ckpt=None, save=None,
+          stop=None):
+    """PPO updates on the PPO prompt pool, from the start or from a checkpoint's state, up to
+    `stop` (default s.updates). save(step, opts, rng): called every s.save_every updates and at
+    the end. Returns the log lines."""
     policy, _, _, critic = models
     torch.manual_seed(s.seed)
     opts = [torch.optim.Adam(m.parameters(), lr=s.lr, eps=s.adam_eps) for m in (policy, critic)]
     rng = torch.Generator().manual_seed(s.seed)
+    start = 0
+    if ckpt is not None:  # the optimizers' moments and the minibatch order go on as they were
+        for opt, state in zip(opts, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        rng.set_state(ckpt["minibatch_rng"])
+        start = ckpt["step"]
     items = chats.rl_prompts("ppo", seed=s.seed, n=s.updates * s.rollout_batch)
     lines = []
-    for step in range(s.updates):
+    for step in range(start, stop or s.updates):
         for opt in opts:  # linear decay to 0 over the run (N+ details)
             for group in opt.param_groups:
                 group["lr"] = s.lr * (1 - step / s.updates)
         part = items[step * s.rollout_batch:(step + 1) * s.rollout_batch]
         lines.append(update(models, tok, part, s, step, opts, rng, score_fn, offset))
         log(lines[-1])
+        if save and ((step + 1) % s.save_every == 0 or step + 1 == (stop or s.updates)):
+            save(step + 1, opts, rng)
     return lines
 
 
@@ -301,33 +313,62 @@ def main(argv=None):
     launch(run, parse_stage_args(argv, __doc__, Settings, PRESETS, "out/ppo"))
 
 
-def run(a, proc):
-    if a.resume or proc.world_size > 1:
-        raise UserError("ppo.py (work in progress) runs in one process and cannot resume yet")
-    s = resolve_settings(Settings, PRESETS, a, proc.device)
-    check_out_dir(a.out_dir, resume=False, source=s.init_from)
-    policy, tok, _ = load_checkpoint(s.init_from, ["sft", "ppo"], proc.device, "--init-from")
+def load_models(a, proc):
+    """(policy, reference, reward model, critic), tokenizer, settings, the run's checkpoint
+    (None for a new run), the reward model's offset."""
+    ckpt = None
+    if a.resume:
+        policy, tok, ckpt = load_checkpoint(a.out_dir, ["ppo"], proc.device, "--resume")
+        s = resolve_settings(Settings, PRESETS, a, proc.device, ckpt["config"])
+    else:
+        s = resolve_settings(Settings, PRESETS, a, proc.device)
+        check_out_dir(a.out_dir, resume=False, source=s.init_from)
+    sft, sft_tok, _ = load_checkpoint(s.init_from, ["sft", "ppo"], proc.device, "--init-from")
     reward_model, reward_tok, reward_ckpt = load_checkpoint(s.reward_from, ["reward"], proc.device,
                                                             "--reward-from")
-    if reward_tok.checksum != tok.checksum:
-        raise UserError(f"--reward-from {s.reward_from}: trained with another tokenizer than "
-                        f"--init-from {s.init_from}")
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    critic = copy.deepcopy(reward_model)  # the value head starts from the reward head
+    if ckpt is None:
+        policy, tok = copy.deepcopy(sft), sft_tok
+    if len({tok.checksum, sft_tok.checksum, reward_tok.checksum}) > 1:
+        raise UserError(f"--init-from {s.init_from}, --reward-from {s.reward_from} and the run "
+                        "use different tokenizers")
+    critic = copy.deepcopy(reward_model)  # the value head starts from the reward head ...
+    if ckpt is not None:
+        critic.load_state_dict(ckpt["critic"])  # ... or where the run left it
+    reference = sft.eval().requires_grad_(False)
     reward_model.eval().requires_grad_(False)
-    prepare_out_dir(a.out_dir, tok, resume=False, write=proc.master)
-    log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"))
-    bar = tqdm(total=s.updates, desc="ppo", dynamic_ncols=True)
+    offset = reward_ckpt.get("score_offset") or 0.0
+    return (policy, reference, reward_model, critic), tok, s, ckpt, offset
+
+
+def run(a, proc):
+    if proc.world_size > 1:
+        raise UserError("ppo.py (work in progress) runs in one process")
+    models, tok, s, ckpt, offset = load_models(a, proc)
+    policy, reference, _, critic = models
+    prepare_out_dir(a.out_dir, tok, resume=a.resume, write=proc.master)
+    log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"),
+                     resume_step=ckpt["step"] if ckpt is not None else None)
+    bar = tqdm(total=s.updates, initial=ckpt["step"] if ckpt else 0, desc="ppo",
+               dynamic_ncols=True)
 
     def show(line):
         log.write(**{k: v for k, v in line.items() if k != "examples"})
         bar.update(1)
         bar.set_postfix({k: round(line[k], 3) for k in ("score", "gold_score", "kl")})
 
-    train((policy, reference, reward_model, critic), tok, s,
-          offset=reward_ckpt.get("score_offset") or 0.0, log=show)
+    def save(step, opts, rng):
+        save_checkpoint(a.out_dir, "ppo", policy, tok, config=asdict(s), step=step,
+                        critic=critic.state_dict(), optimizers=[o.state_dict() for o in opts],
+                        minibatch_rng=rng.get_state())
+
+    train(models, tok, s, offset=offset, log=show, ckpt=ckpt, save=save, stop=a.stop_at)
     bar.close()
-    save_checkpoint(a.out_dir, "ppo", policy, tok, config=asdict(s), step=s.updates)
+    if (a.stop_at or s.updates) >= s.updates:
+        final_evaluation(a, s, policy, reference, tok, proc)
+
+
+def final_evaluation(a, s, policy, reference, tok, proc):
+    """eval.json: the SFT and the PPO model side by side, sampled and greedy."""
     result = {"stage": "ppo", "preset": s.preset, "updates": s.updates, "device": proc.device,
               "sampled": {"sft": sampled_heldout(reference, reference, tok, s),
                           "ppo": sampled_heldout(policy, reference, tok, s)},

@@ -3,6 +3,7 @@ log-probs of sampling against the training forward, a ratio of 1 at the first mi
 programmatic reward that a few updates raise."""
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -108,18 +109,24 @@ def test_a_few_updates_raise_a_programmatic_reward(models):
     assert lines[-1]["length"] < lines[0]["length"] and lines[-1]["kl"] > 0
 
 
-def test_the_command_line_trains_saves_a_policy_and_compares_it_with_sft(tiny_sft, tmp_path):
-    import json
-
+@pytest.fixture(scope="module")
+def tiny_reward(tiny_sft, tmp_path_factory):
+    """A tiny reward model (32 prompts ranked by the teacher) from tiny_sft."""
     import reward
+    out = str(tmp_path_factory.mktemp("reward"))
+    reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--out-dir", out,
+                 "--prompts", "32", "--no-behaviour-eval"])
+    return out
+
+
+def test_the_command_line_trains_saves_a_policy_and_compares_it_with_sft(tiny_sft, tiny_reward,
+                                                                          tmp_path):
     import sample
-    reward_dir, out = tmp_path / "reward", tmp_path / "ppo"
-    reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--out-dir",
-                 str(reward_dir), "--prompts", "32", "--no-behaviour-eval"])
+    out = tmp_path / "ppo"
     ppo.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-from",
-              str(reward_dir), "--out-dir", str(out), "--updates", "2"])
+              tiny_reward, "--out-dir", str(out), "--updates", "2"])
     log = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [r["update"] for r in log] == [1, 2]
+    assert [r["step"] for r in log] == [1, 2]
     for key in ("score", "gold_score", "kl", "entropy", "approx_kl", "clip_fraction", "ratio",
                 "value_loss", "explained_variance", "grad_norm_policy", "length", "end_rate",
                 "seconds_rollout", "seconds_scoring", "seconds_learning"):
@@ -130,3 +137,18 @@ def test_the_command_line_trains_saves_a_policy_and_compares_it_with_sft(tiny_sf
     _, _, ckpt = load_checkpoint(str(out), ["ppo"])
     assert ckpt["stage"] == "ppo"
     sample.main(["--ckpt", str(out), "--prompt", "hi", "--max-new-tokens", "4", "--device", "cpu"])
+
+
+def test_resume_continues_the_same_run(tiny_sft, tiny_reward, tmp_path):
+    """Two updates, a stop, --resume for two more: the same log as four updates in one go."""
+    args = ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-from",
+            tiny_reward, "--updates", "4", "--save-every", "1"]
+    ppo.main(args + ["--out-dir", str(tmp_path / "a")])
+    ppo.main(args + ["--out-dir", str(tmp_path / "b"), "--stop-at", "2"])
+    assert not (tmp_path / "b" / "eval.json").exists()
+    ppo.main(["--resume", "--device", "cpu", "--out-dir", str(tmp_path / "b")])
+    logs = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in "ab"]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    for one, two in zip(*logs):
+        assert one["score"] == pytest.approx(two["score"], abs=1e-4)
+        assert one["kl"] == pytest.approx(two["kl"], abs=1e-4)
