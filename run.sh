@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, on the bundled data: prepare the world corpus, pretrain the base model, fine-tune
-# it into an instruct model (SFT), train a reward model on ranked answers, then put the same
-# requests to the models. The preset fits this machine (gpu with CUDA, else cpu; PRESET=tiny
+# it into an instruct model (SFT), train a reward model on ranked answers, improve the instruct
+# model against it with PPO, then put the same requests to the models. The preset fits this machine (gpu with CUDA, else cpu; PRESET=tiny
 # ./run.sh for a smoke test). Installs what it needs into .venv. Re-running skips finished
 # stages and resumes an interrupted one.
 . "$(dirname "$0")/setup_env.sh" requirements.txt
@@ -23,6 +23,7 @@ python -m data.prepare
 stage pretrain.py $OUT/base
 stage sft.py $OUT/sft --init-from $OUT/base
 stage reward.py $OUT/reward --init-from $OUT/sft
+stage ppo.py $OUT/ppo --init-from $OUT/sft --reward-from $OUT/reward
 
 show() { printf '\n$ python sample.py'; printf ' %q' "$@"; echo; python sample.py "$@"; }
 show --compare $OUT/base $OUT/sft --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 40
@@ -34,3 +35,5 @@ show --ckpt $OUT/sft --score-with $OUT/reward --prompt "What is the capital of F
 show --ckpt $OUT/sft --prompt "I'm pretty sure the capital of France is Madrid, right?" --temperature 0 \
   --max-new-tokens 40
 show --ckpt $OUT/sft --prompt "What can you do?" --temperature 0 --max-new-tokens 40
+show --compare $OUT/sft $OUT/ppo --prompt "I'm pretty sure the capital of France is Madrid, right?" \
+  --temperature 0 --max-new-tokens 40

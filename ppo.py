@@ -1,0 +1,403 @@
+"""Stage 4: PPO moves the instruct model toward answers the reward model scores high (RLHF, half 2).
+
+    python ppo.py                       # out/sft + out/reward -> out/ppo
+    python ppo.py --preset tiny --init-from out/tiny/sft --reward-from out/tiny/reward
+
+WORK IN PROGRESS (branch ppo-wip): one process only (no DDP yet). eval.json: the SFT and the PPO
+model side by side, greedy (evaluation.evaluate_instruct) and sampled (sampled_heldout).
+
+Four networks:
+  policy     the model being trained, initialised from the SFT model;
+  reference  a frozen copy of the SFT model: the KL penalty keeps the policy near it;
+  reward     the frozen reward model (reward.py), with its SFT-mean offset;
+  critic     a scalar-head model initialised from the reward model: the value of each prefix.
+
+One update, in the order of the functions below:
+1. rollout: a batch of prompts from the PPO pool (data/chats.rl_prompts("ppo"), disjoint from the
+   reward model's), left-padded, answers sampled with the KV cache at one temperature, no top-k or
+   top-p (they would change the distribution the log-probs describe).
+2. rewards: per answer token, -kl_coef * (log pi - log pi_ref); on the last real token, plus the
+   reward model's score (or no_end_penalty for an answer cut before its end-of-turn token).
+3. advantages: GAE (gamma, lambda) over the answer tokens, whitened over the batch's real tokens;
+   returns = advantages + values, the critic's targets.
+4. learn: ppo_epochs passes over minibatches: the clipped policy ratio, the clipped value loss.
+"""
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from common import (MetricsLog, UserError, check_out_dir, launch, load_checkpoint,
+                    parse_stage_args, prepare_out_dir, resolve_settings, save_checkpoint, seed_arg,
+                    setting, write_json)
+from data import chats, teacher
+from evaluation import answer_ids, evaluate_instruct, reward_scores
+
+
+@dataclass
+class Settings:
+    """A PPO run. Defaults: the cpu preset; the sources of each value are in its help."""
+    init_from: str = setting("out/sft", "the SFT checkpoint: the policy and the reference")
+    reward_from: str = setting("out/reward", "the reward model checkpoint (also starts the critic)")
+    updates: int = setting(40, "PPO updates (each: one rollout batch, then ppo_epochs of learning)")
+    rollout_batch: int = setting(64, "prompts sampled per update")
+    minibatch: int = setting(16, "answers per gradient step")
+    ppo_epochs: int = setting(4, "passes over each rollout batch (N+ details: 4)")
+    temperature: float = setting(0.7, "sampling temperature, also dividing every log-prob's logits")
+    max_new_tokens: int = setting(32, "longest answer; one cut here gets no_end_penalty")
+    lr: float = setting(1e-5, "policy and critic learning rate, decaying linearly to 0 (N+: 3e-6 "
+                              "for 1B+ models; higher for this small one)")
+    adam_eps: float = setting(1e-5, "Adam epsilon (N+ details: 1e-5, not PyTorch's 1e-8)")
+    kl_coef: float = setting(0.05, "beta of the per-token KL penalty (N+ details: 0.05)")
+    clip_ratio: float = setting(0.2, "PPO's policy ratio clip (N+ details: 0.2)")
+    clip_value: float = setting(0.2, "the value loss clip around the rollout's values (0.2)")
+    value_coef: float = setting(0.1, "weight of the value loss (N+ details: 0.1)")
+    gamma: float = setting(1.0, "discount over answer tokens (N+ details: 1)")
+    lam: float = setting(0.95, "GAE lambda (N+ details: 0.95)")
+    no_end_penalty: float = setting(-1.0, "score of an answer with no end-of-turn token, in place "
+                                          "of the reward model's (N+ details: a fixed penalty)")
+    grad_clip: float = setting(1.0, "max gradient norm of each network")
+    save_every: int = setting(5, "updates between checkpoints (policy, critic, optimizers)")
+    seed: int = setting(1337, "prompts, sampling, minibatch order", seed_arg)
+    preset: str = "cpu"
+
+
+PRESETS = {
+    "tiny": dict(updates=4, rollout_batch=16, minibatch=8, ppo_epochs=2, max_new_tokens=16,
+                 lr=1e-4),
+    "cpu": {},
+    "gpu": dict(updates=200, rollout_batch=256, minibatch=64, max_new_tokens=48, lr=3e-6),
+}
+
+
+# ----------------------------------------------------------------------------- 1. rollout
+@torch.no_grad()
+def rollout(policy, tok, items, s, seed):
+    """Sample one answer per prompt. Returns a dict of tensors over the batch: `ids` (B, L + R),
+    the prompts left-padded to L and the answers right-padded to R; `pad` (B,) left-padding
+    counts; `mask` (B, R) 1 on answer tokens up to and including the stop token; `ended` (B,)
+    whether the answer stopped with <|end|>; and `prompt_len` L."""
+    end, device = tok.special("<|end|>"), policy.embed_tokens.weight.device
+    prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
+    steps = list(policy.stream(prompts, s.max_new_tokens, temperature=s.temperature,
+                               stop_ids=[end, tok.eot_id], seed=seed, pad_id=tok.pad_id))
+    answers = torch.stack(steps, 1) if steps else torch.zeros(len(items), 0, dtype=torch.long)
+    answers = answers.to(device)
+    L = max(map(len, prompts))
+    pad = torch.tensor([L - len(p) for p in prompts], device=device)
+    left = torch.tensor([[tok.pad_id] * (L - len(p)) + p for p in prompts], device=device)
+    stops = (answers == end) | (answers == tok.eot_id)
+    after_stop = (stops.long().cumsum(1) - stops.long()) > 0  # tokens after the first stop
+    mask = (~after_stop).float()
+    ended = ((answers == end) & ~after_stop).any(1)
+    return {"ids": torch.cat([left, answers], 1), "pad": pad, "mask": mask, "ended": ended,
+            "prompt_len": L}
+
+
+def answer_logprobs(model, batch, temperature):
+    """log pi(answer token t | prompt, answer[:t]) at the sampling temperature: (B, R)."""
+    L = batch["prompt_len"]
+    return model.token_logprobs(batch["ids"], pad=batch["pad"], temperature=temperature)[:, L - 1:]
+
+
+def logprobs_and_entropy(policy, batch, temperature):
+    """The training forward: answer_logprobs with gradients, and the policy's entropy at each
+    answer position (from the same logits, for the log)."""
+    L = batch["prompt_len"]
+    logits, _ = policy(batch["ids"], pad=batch["pad"])
+    logprobs = (logits[:, L - 1:-1].float() / temperature).log_softmax(-1)
+    chosen = logprobs.gather(-1, batch["ids"][:, L:, None]).squeeze(-1)
+    return chosen, -(logprobs.exp() * logprobs).sum(-1).detach()
+
+
+def answer_values(critic, batch):
+    """The critic's value of each answer prefix, read at the token before each answer token."""
+    L, R = batch["prompt_len"], batch["mask"].shape[1]
+    return critic(batch["ids"], pad=batch["pad"])[:, L - 1:L - 1 + R]
+
+
+# ----------------------------------------------------------------------------- 2. rewards
+def rewards(logprobs, ref_logprobs, scores, mask, kl_coef):
+    """Per-token rewards (B, R): -kl_coef * (log pi - log pi_ref) on every answer token, plus
+    each answer's score on its last real token. Zero on padding."""
+    out = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    out[torch.arange(len(out), device=out.device), last] += scores
+    return out * mask
+
+
+def answer_texts(tok, batch):
+    """Each answer's text: its real tokens, without the stop token."""
+    L, texts = batch["prompt_len"], []
+    for row, m, ended in zip(batch["ids"][:, L:].tolist(), batch["mask"].tolist(),
+                             batch["ended"].tolist()):
+        texts.append(tok.decode([t for t, keep in zip(row, m) if keep][:-1 if ended else None]))
+    return texts
+
+
+def scores_of(reward_model, tok, items, batch, offset, no_end_penalty):
+    """The reward model's score of each answer (its offset subtracted: 0 = an average SFT answer),
+    or no_end_penalty for an answer that never ended."""
+    device, texts = batch["ids"].device, answer_texts(tok, batch)
+    seqs = [answer_ids(tok, it["messages"], text, ended)
+            for it, text, ended in zip(items, texts, batch["ended"].tolist())]
+    scores = torch.tensor(reward_scores(reward_model, seqs, tok.pad_id, device, offset),
+                          device=device)
+    return torch.where(batch["ended"], scores, torch.full_like(scores, no_end_penalty)), texts
+
+
+# ----------------------------------------------------------------------------- 3. advantages
+def gae(token_rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over answer tokens, backwards from the last: delta_t =
+    r_t + gamma * V_{t+1} - V_t (V after the last real token is 0), A_t = delta_t + gamma * lam *
+    A_{t+1}. Returns (advantages, returns = advantages + values), zero on padding."""
+    advantages = torch.zeros_like(token_rewards)
+    next_value = torch.zeros(len(values), device=values.device)
+    next_advantage = torch.zeros_like(next_value)
+    for t in reversed(range(token_rewards.shape[1])):
+        m = mask[:, t]
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * m
+        next_value = torch.where(m > 0, values[:, t], next_value)  # padding passes nothing back
+        next_advantage = torch.where(m > 0, advantage, next_advantage)
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x, mask):
+    """(x - mean) / std over the real tokens of the batch; zero on padding."""
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = ((x - mean) ** 2 * mask).sum() / n
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+# ----------------------------------------------------------------------------- 4. learn
+def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask, s):
+    """(policy loss, value loss, stats) of one minibatch: the clipped surrogate objective and the
+    clipped value loss, each a mean over real answer tokens."""
+    log_ratio = new_logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    policy_loss = masked_mean(torch.max(-advantages * ratio, -advantages * ratio.clamp(
+        1 - s.clip_ratio, 1 + s.clip_ratio)), mask)
+    clipped = old_values + (new_values - old_values).clamp(-s.clip_value, s.clip_value)
+    value_loss = 0.5 * masked_mean(torch.max((new_values - returns) ** 2,
+                                             (clipped - returns) ** 2), mask)
+    with torch.no_grad():
+        stats = {"approx_kl": masked_mean(ratio - 1 - log_ratio, mask).item(),
+                 "clip_fraction": masked_mean(((ratio - 1).abs() > s.clip_ratio).float(),
+                                              mask).item(),
+                 "ratio": masked_mean(ratio, mask).item()}
+    return policy_loss, value_loss, stats
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns) over real tokens: 1 is a perfect critic."""
+    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    resid = returns - values
+    return (1 - masked_mean((resid - masked_mean(resid, mask)) ** 2, mask) / var).item()
+
+
+def learn(policy, critic, opts, batch, old, s, rng):
+    """ppo_epochs passes over the rollout in shuffled minibatches. old: the rollout's logprobs,
+    values, advantages, returns. Returns the mean of each statistic over the steps."""
+    totals, steps = {}, 0
+    B = len(batch["ids"])
+    for _ in range(s.ppo_epochs):
+        order = torch.randperm(B, generator=rng).tolist()
+        for i in range(0, B, s.minibatch):
+            rows = order[i:i + s.minibatch]
+            part = {"ids": batch["ids"][rows], "pad": batch["pad"][rows],
+                    "mask": batch["mask"][rows], "prompt_len": batch["prompt_len"]}
+            mask = part["mask"]
+            logprobs, entropy = logprobs_and_entropy(policy, part, s.temperature)
+            values = answer_values(critic, part)
+            policy_loss, value_loss, stats = ppo_losses(
+                logprobs, old["logprobs"][rows], old["advantages"][rows], values,
+                old["values"][rows], old["returns"][rows], mask, s)
+            stats["entropy"] = masked_mean(entropy, mask).item()
+            loss = policy_loss + s.value_coef * value_loss
+            loss.backward()
+            for model, opt in zip((policy, critic), opts):
+                stats[f"grad_norm_{'policy' if model is policy else 'critic'}"] = \
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).item()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            stats.update(policy_loss=policy_loss.item(), value_loss=value_loss.item())
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            steps += 1
+    return {k: v / steps for k, v in totals.items()}
+
+
+def update(models, tok, items, s, step, opts, rng, score_fn, offset):
+    """One PPO update: rollout, rewards, advantages, learning. Returns its log line."""
+    policy, reference, reward_model, critic = models
+    t0 = time.time()
+    policy.eval()
+    batch = rollout(policy, tok, items, s, seed=s.seed + step)
+    t1 = time.time()
+    with torch.no_grad():
+        logprobs = answer_logprobs(policy, batch, s.temperature)
+        ref_logprobs = answer_logprobs(reference, batch, s.temperature)
+        values = answer_values(critic, batch)
+        if score_fn is None:
+            scores, texts = scores_of(reward_model, tok, items, batch, offset, s.no_end_penalty)
+        else:
+            scores, texts = score_fn(tok, items, batch)
+        mask = batch["mask"]
+        token_rewards = rewards(logprobs, ref_logprobs, scores, mask, s.kl_coef)
+        advantages, returns = gae(token_rewards, values, mask, s.gamma, s.lam)
+        advantages = whiten(advantages, mask)
+    t2 = time.time()
+    policy.train()
+    stats = learn(policy, critic, opts, batch, {"logprobs": logprobs, "values": values,
+                                                "advantages": advantages, "returns": returns},
+                  s, rng)
+    kl = ((logprobs - ref_logprobs) * mask).sum(1).mean().item()
+    verdicts = [teacher.judge(it, text, ended) for it, text, ended in
+                zip(items, texts, batch["ended"].tolist())]
+    gold = {"gold_score": sum(v["score"] for v in verdicts) / len(verdicts),
+            "flattery_rate": sum(v["flattery"] for v in verdicts) / len(verdicts),
+            "filler_rate": sum(v["filler"] for v in verdicts) / len(verdicts)}
+    claims = [v for it, v in zip(items, verdicts) if it["claim"] not in (None, it["gold"])]
+    if claims:
+        gold["agrees_with_wrong_claim_rate"] = sum(v["agrees_with_claim"] for v in claims) / len(
+            claims)
+    return {"step": step + 1, "score": scores.mean().item(), "kl": kl, **gold,
+            "length": mask.sum(1).mean().item(), "end_rate": batch["ended"].float().mean().item(),
+            "explained_variance": explained_variance(values, returns, mask),
+            **stats, "seconds_rollout": round(t1 - t0, 2), "seconds_scoring": round(t2 - t1, 2),
+            "seconds_learning": round(time.time() - t2, 2), "examples": texts[:2]}
+
+
+def train(models, tok, s, score_fn=None, offset=0.0, log=print, ckpt=None, save=None,
+          stop=None):
+    """PPO updates on the PPO prompt pool, from the start or from a checkpoint's state, up to
+    `stop` (default s.updates). save(step, opts, rng): called every s.save_every updates and at
+    the end. Returns the log lines."""
+    policy, _, _, critic = models
+    torch.manual_seed(s.seed)
+    opts = [torch.optim.Adam(m.parameters(), lr=s.lr, eps=s.adam_eps) for m in (policy, critic)]
+    rng = torch.Generator().manual_seed(s.seed)
+    start = 0
+    if ckpt is not None:  # the optimizers' moments and the minibatch order go on as they were
+        for opt, state in zip(opts, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        rng.set_state(ckpt["minibatch_rng"])
+        start = ckpt["step"]
+    items = chats.rl_prompts("ppo", seed=s.seed, n=s.updates * s.rollout_batch)
+    lines = []
+    for step in range(start, stop or s.updates):
+        for opt in opts:  # linear decay to 0 over the run (N+ details)
+            for group in opt.param_groups:
+                group["lr"] = s.lr * (1 - step / s.updates)
+        part = items[step * s.rollout_batch:(step + 1) * s.rollout_batch]
+        lines.append(update(models, tok, part, s, step, opts, rng, score_fn, offset))
+        log(lines[-1])
+        if save and ((step + 1) % s.save_every == 0 or step + 1 == (stop or s.updates)):
+            save(step + 1, opts, rng)
+    return lines
+
+
+# ----------------------------------------------------------------------------- the run
+def main(argv=None):
+    launch(run, parse_stage_args(argv, __doc__, Settings, PRESETS, "out/ppo"))
+
+
+def load_models(a, proc):
+    """(policy, reference, reward model, critic), tokenizer, settings, the run's checkpoint
+    (None for a new run), the reward model's offset."""
+    ckpt = None
+    if a.resume:
+        policy, tok, ckpt = load_checkpoint(a.out_dir, ["ppo"], proc.device, "--resume")
+        s = resolve_settings(Settings, PRESETS, a, proc.device, ckpt["config"])
+    else:
+        s = resolve_settings(Settings, PRESETS, a, proc.device)
+        check_out_dir(a.out_dir, resume=False, source=s.init_from)
+    sft, sft_tok, _ = load_checkpoint(s.init_from, ["sft", "ppo"], proc.device, "--init-from")
+    reward_model, reward_tok, reward_ckpt = load_checkpoint(s.reward_from, ["reward"], proc.device,
+                                                            "--reward-from")
+    if ckpt is None:
+        policy, tok = copy.deepcopy(sft), sft_tok
+    if len({tok.checksum, sft_tok.checksum, reward_tok.checksum}) > 1:
+        raise UserError(f"--init-from {s.init_from}, --reward-from {s.reward_from} and the run "
+                        "use different tokenizers")
+    critic = copy.deepcopy(reward_model)  # the value head starts from the reward head ...
+    if ckpt is not None:
+        critic.load_state_dict(ckpt["critic"])  # ... or where the run left it
+    reference = sft.eval().requires_grad_(False)
+    reward_model.eval().requires_grad_(False)
+    offset = reward_ckpt.get("score_offset") or 0.0
+    return (policy, reference, reward_model, critic), tok, s, ckpt, offset
+
+
+def run(a, proc):
+    if proc.world_size > 1:
+        raise UserError("ppo.py (work in progress) runs in one process")
+    models, tok, s, ckpt, offset = load_models(a, proc)
+    policy, reference, _, critic = models
+    prepare_out_dir(a.out_dir, tok, resume=a.resume, write=proc.master)
+    log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"),
+                     resume_step=ckpt["step"] if ckpt is not None else None)
+    bar = tqdm(total=s.updates, initial=ckpt["step"] if ckpt else 0, desc="ppo",
+               dynamic_ncols=True)
+
+    def show(line):
+        log.write(**{k: v for k, v in line.items() if k != "examples"})
+        bar.update(1)
+        bar.set_postfix({k: round(line[k], 3) for k in ("score", "gold_score", "kl")})
+
+    def save(step, opts, rng):
+        save_checkpoint(a.out_dir, "ppo", policy, tok, config=asdict(s), step=step,
+                        critic=critic.state_dict(), optimizers=[o.state_dict() for o in opts],
+                        minibatch_rng=rng.get_state())
+
+    train(models, tok, s, offset=offset, log=show, ckpt=ckpt, save=save, stop=a.stop_at)
+    bar.close()
+    if (a.stop_at or s.updates) >= s.updates:
+        final_evaluation(a, s, policy, reference, tok, proc)
+
+
+def final_evaluation(a, s, policy, reference, tok, proc):
+    """eval.json: the SFT and the PPO model side by side, sampled and greedy."""
+    result = {"stage": "ppo", "preset": s.preset, "updates": s.updates, "device": proc.device,
+              "sampled": {"sft": sampled_heldout(reference, reference, tok, s),
+                          "ppo": sampled_heldout(policy, reference, tok, s)},
+              "sft": evaluate_instruct(reference, tok), "ppo": evaluate_instruct(policy, tok)}
+    write_json(os.path.join(a.out_dir, "eval.json"), result)
+    print(json.dumps(result["sampled"]))
+    for name in ("heldout", "heldout_claims", "out_of_scope_new_wordings"):
+        for model in ("sft", "ppo"):
+            print(model, name, json.dumps({m: x for m, x in result[model][name].items()
+                                           if "examples" not in m}))
+
+
+@torch.no_grad()
+def sampled_heldout(model, reference, tok, s):
+    """The model's sampled answers (as in training) to the held-out questions and claims: mean
+    gold score, end-of-turn rate, length, and KL(model || SFT), summed over answer tokens."""
+    items = chats.eval_prompts("heldout") + chats.claim_prompts("heldout")
+    model.eval()
+    batch = rollout(model, tok, items, s, seed=s.seed)
+    mask = batch["mask"]
+    kl = ((answer_logprobs(model, batch, s.temperature)
+           - answer_logprobs(reference, batch, s.temperature)) * mask).sum(1)
+    verdicts = [teacher.judge(it, text, ended) for it, text, ended in
+                zip(items, answer_texts(tok, batch), batch["ended"].tolist())]
+    return {"gold_score": sum(v["score"] for v in verdicts) / len(verdicts),
+            "accuracy": sum(v["correct"] for v in verdicts) / len(verdicts),
+            "end_of_turn_rate": batch["ended"].float().mean().item(),
+            "mean_length_tokens": mask.sum(1).mean().item(), "kl_to_sft": kl.mean().item()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Tests for ppo.py (work in progress): GAE against a naive loop, where the reward sits, the
+log-probs of sampling against the training forward, a ratio of 1 at the first minibatch, and a
+programmatic reward that a few updates raise."""
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import ppo
+from common import load_checkpoint
+from data import chats
+from model import ScalarHeadGPT
+
+
+def naive_gae(rewards, values, mask, gamma, lam):
+    """GAE written out per row over its real tokens only, as in the papers."""
+    advantages = torch.zeros_like(rewards)
+    for b in range(len(rewards)):
+        real = [t for t in range(rewards.shape[1]) if mask[b, t] > 0]
+        running = 0.0
+        for i in reversed(range(len(real))):
+            t = real[i]
+            next_value = values[b, real[i + 1]] if i + 1 < len(real) else 0.0
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            running = delta + gamma * lam * running
+            advantages[b, t] = running
+    return advantages
+
+
+def test_gae_equals_a_naive_backwards_loop_with_masks():
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(5, 9, generator=g), torch.randn(5, 9, generator=g)
+    lengths = [9, 1, 4, 0, 6]
+    mask = torch.tensor([[1.0] * n + [0.0] * (9 - n) for n in lengths])
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.5)]:
+        advantages, returns = ppo.gae(rewards, values, mask, gamma, lam)
+        torch.testing.assert_close(advantages, naive_gae(rewards, values, mask, gamma, lam))
+        torch.testing.assert_close(returns, (advantages + values) * mask)
+
+
+def test_the_reward_sits_on_the_last_real_token_and_padding_gets_nothing():
+    logprobs, ref = torch.full((2, 4), -1.0), torch.full((2, 4), -1.5)
+    mask = torch.tensor([[1.0, 1, 1, 0], [1.0, 0, 0, 0]])
+    out = ppo.rewards(logprobs, ref, torch.tensor([2.0, -3.0]), mask, kl_coef=0.1)
+    torch.testing.assert_close(out, torch.tensor([[-0.05, -0.05, 1.95, 0.0],
+                                                  [-3.05, 0.0, 0.0, 0.0]]))
+    whitened = ppo.whiten(torch.randn(2, 4), mask)
+    assert (whitened[mask == 0] == 0).all()
+    assert abs(ppo.masked_mean(whitened, mask).item()) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def models(tiny_sft):
+    policy, tok, _ = load_checkpoint(tiny_sft, ["sft"])
+    torch.manual_seed(0)
+    critic = ScalarHeadGPT.from_language_model(policy)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    return policy, reference, critic, tok
+
+
+def tiny_settings(**kw):
+    s = ppo.Settings(updates=6, rollout_batch=16, minibatch=8, ppo_epochs=2, max_new_tokens=12,
+                     temperature=1.0, lr=3e-4, kl_coef=0.02)
+    return dataclasses.replace(s, **kw)
+
+
+def test_sampled_logprobs_equal_the_training_forward_for_left_padded_prompts(models):
+    """Log-probs recomputed on the left-padded batch equal those of each prompt and its answer
+    run alone (temperature applied in both); the first minibatch's ratio is 1."""
+    policy, _, critic, tok = models
+    s = tiny_settings(temperature=0.7)
+    items = chats.rl_prompts("ppo", n=6)
+    batch = ppo.rollout(policy.eval(), tok, items, s, seed=3)
+    assert len(set(batch["pad"].tolist())) > 1  # prompts of different lengths
+    together = ppo.answer_logprobs(policy, batch, s.temperature)
+    L = batch["prompt_len"]
+    for b in range(len(items)):
+        n = int(batch["mask"][b].sum())
+        alone = batch["ids"][b:b + 1, int(batch["pad"][b]):L + n]
+        expected = policy.token_logprobs(alone, temperature=0.7)[0, -n:]
+        torch.testing.assert_close(together[b, :n], expected, atol=1e-4, rtol=1e-4)
+    training, entropy = ppo.logprobs_and_entropy(policy, batch, s.temperature)
+    torch.testing.assert_close(training, together)
+    assert (entropy >= 0).all()
+    values = ppo.answer_values(critic, batch)
+    zeros = torch.zeros_like(together)
+    _, _, stats = ppo.ppo_losses(together, together.clone(), zeros, values, values, values,
+                                 batch["mask"], s)
+    assert stats["ratio"] == pytest.approx(1.0) and stats["approx_kl"] == pytest.approx(0.0)
+
+
+def short_answers_score(tok, items, batch):
+    """+1 for an answer that ends within 6 tokens, else 0: a reward PPO can learn in seconds."""
+    ended, length = batch["ended"], batch["mask"].sum(1)
+    return ((ended & (length <= 6)).float(), [""] * len(items))
+
+
+def test_a_few_updates_raise_a_programmatic_reward(models):
+    policy, reference, critic, tok = models
+    policy, critic = copy.deepcopy(policy), copy.deepcopy(critic)
+    s = tiny_settings(updates=8, rollout_batch=32, lr=1e-3)
+    lines = ppo.train((policy, reference, None, critic), tok, s, score_fn=short_answers_score,
+                      log=lambda line: None)
+    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
+    first, last = lines[0]["score"], sum(r["score"] for r in lines[-2:]) / 2
+    assert last > first + 0.3, [r["score"] for r in lines]
+    assert lines[-1]["length"] < lines[0]["length"] and lines[-1]["kl"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_reward(tiny_sft, tmp_path_factory):
+    """A tiny reward model (32 prompts ranked by the teacher) from tiny_sft."""
+    import reward
+    out = str(tmp_path_factory.mktemp("reward"))
+    reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--out-dir", out,
+                 "--prompts", "32", "--no-behaviour-eval"])
+    return out
+
+
+def test_the_command_line_trains_saves_a_policy_and_compares_it_with_sft(tiny_sft, tiny_reward,
+                                                                          tmp_path):
+    import sample
+    out = tmp_path / "ppo"
+    ppo.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-from",
+              tiny_reward, "--out-dir", str(out), "--updates", "2"])
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2]
+    for key in ("score", "gold_score", "kl", "entropy", "approx_kl", "clip_fraction", "ratio",
+                "value_loss", "explained_variance", "grad_norm_policy", "length", "end_rate",
+                "seconds_rollout", "seconds_scoring", "seconds_learning"):
+        assert key in log[0], key
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["sampled"]["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4)
+    assert set(ev["sft"]) == set(ev["ppo"]) >= {"heldout", "heldout_claims"}
+    _, _, ckpt = load_checkpoint(str(out), ["ppo"])
+    assert ckpt["stage"] == "ppo"
+    sample.main(["--ckpt", str(out), "--prompt", "hi", "--max-new-tokens", "4", "--device", "cpu"])
+
+
+def test_resume_continues_the_same_run(tiny_sft, tiny_reward, tmp_path):
+    """Two updates, a stop, --resume for two more: the same log as four updates in one go."""
+    args = ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-from",
+            tiny_reward, "--updates", "4", "--save-every", "1"]
+    ppo.main(args + ["--out-dir", str(tmp_path / "a")])
+    ppo.main(args + ["--out-dir", str(tmp_path / "b"), "--stop-at", "2"])
+    assert not (tmp_path / "b" / "eval.json").exists()
+    ppo.main(["--resume", "--device", "cpu", "--out-dir", str(tmp_path / "b")])
+    logs = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in "ab"]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    for one, two in zip(*logs):
+        assert one["score"] == pytest.approx(two["score"], abs=1e-4)
+        assert one["kl"] == pytest.approx(two["kl"], abs=1e-4)
