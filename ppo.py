@@ -3,8 +3,8 @@
     python ppo.py                       # out/sft + out/reward -> out/ppo
     python ppo.py --preset tiny --init-from out/tiny/sft --reward-from out/tiny/reward
 
-WORK IN PROGRESS (branch ppo-wip): one process only (no DDP yet). eval.json: the SFT and the PPO
-model side by side, greedy (evaluation.evaluate_instruct) and sampled (sampled_heldout).
+A first version: one process only (no DDP yet). eval.json: the SFT and the PPO model side by
+side, greedy (evaluation.evaluate_instruct) and sampled (sampled_heldout).
 
 Four networks:
   policy     the model being trained, initialised from the SFT model;
@@ -342,7 +342,7 @@ def load_models(a, proc):
 
 def run(a, proc):
     if proc.world_size > 1:
-        raise UserError("ppo.py (work in progress) runs in one process")
+        raise UserError("ppo.py runs in one process for now: start it with python, not torchrun")
     models, tok, s, ckpt, offset = load_models(a, proc)
     policy, reference, _, critic = models
     prepare_out_dir(a.out_dir, tok, resume=a.resume, write=proc.master)

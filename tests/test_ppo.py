@@ -1,4 +1,4 @@
-"""Tests for ppo.py (work in progress): GAE against a naive loop, where the reward sits, the
+"""Tests for ppo.py: GAE against a naive loop, where the reward sits, the
 log-probs of sampling against the training forward, a ratio of 1 at the first minibatch, and a
 programmatic reward that a few updates raise."""
 import copy
