@@ -263,20 +263,26 @@ def update(models, tok, items, s, step, opts, rng, score_fn, offset):
                                                 "advantages": advantages, "returns": returns},
                   s, rng)
     kl = ((logprobs - ref_logprobs) * mask).sum(1).mean().item()
-    verdicts = [teacher.judge(it, text, ended) for it, text, ended in
-                zip(items, texts, batch["ended"].tolist())]
-    gold = {"gold_score": sum(v["score"] for v in verdicts) / len(verdicts),
-            "flattery_rate": sum(v["flattery"] for v in verdicts) / len(verdicts),
-            "filler_rate": sum(v["filler"] for v in verdicts) / len(verdicts)}
-    claims = [v for it, v in zip(items, verdicts) if it["claim"] not in (None, it["gold"])]
-    if claims:
-        gold["agrees_with_wrong_claim_rate"] = sum(v["agrees_with_claim"] for v in claims) / len(
-            claims)
-    return {"step": step + 1, "score": scores.mean().item(), "kl": kl, **gold,
+    return {"step": step + 1, "score": scores.mean().item(), "kl": kl,
+            **gold_stats(items, texts, batch["ended"].tolist()),
             "length": mask.sum(1).mean().item(), "end_rate": batch["ended"].float().mean().item(),
             "explained_variance": explained_variance(values, returns, mask),
             **stats, "seconds_rollout": round(t1 - t0, 2), "seconds_scoring": round(t2 - t1, 2),
             "seconds_learning": round(time.time() - t2, 2), "examples": texts[:2]}
+
+
+def gold_stats(items, texts, ended):
+    """The teacher on a batch of answers: mean gold score, accuracy, filler and flattery rates,
+    and the rate of agreeing with a wrong claim (where the batch has wrong claims)."""
+    verdicts = [teacher.judge(it, text, e) for it, text, e in zip(items, texts, ended)]
+    stats = {name: sum(v[key] for v in verdicts) / len(verdicts) for name, key in (
+        ("gold_score", "score"), ("accuracy", "correct"), ("filler_rate", "filler"),
+        ("flattery_rate", "flattery"))}
+    wrong = [v for it, v in zip(items, verdicts) if it["claim"] not in (None, it["gold"])]
+    if wrong:
+        stats["agrees_with_wrong_claim_rate"] = sum(v["agrees_with_claim"] for v in wrong) / len(
+            wrong)
+    return stats
 
 
 def train(models, tok, s, score_fn=None, offset=0.0, log=print, ckpt=None, save=None,
@@ -383,18 +389,15 @@ def final_evaluation(a, s, policy, reference, tok, proc):
 
 @torch.no_grad()
 def sampled_heldout(model, reference, tok, s):
-    """The model's sampled answers (as in training) to the held-out questions and claims: mean
-    gold score, end-of-turn rate, length, and KL(model || SFT), summed over answer tokens."""
+    """The model's sampled answers (as in training) to the held-out questions and claims:
+    gold_stats, end-of-turn rate, length, and KL(model || SFT), summed over answer tokens."""
     items = chats.eval_prompts("heldout") + chats.claim_prompts("heldout")
     model.eval()
     batch = rollout(model, tok, items, s, seed=s.seed)
     mask = batch["mask"]
     kl = ((answer_logprobs(model, batch, s.temperature)
            - answer_logprobs(reference, batch, s.temperature)) * mask).sum(1)
-    verdicts = [teacher.judge(it, text, ended) for it, text, ended in
-                zip(items, answer_texts(tok, batch), batch["ended"].tolist())]
-    return {"gold_score": sum(v["score"] for v in verdicts) / len(verdicts),
-            "accuracy": sum(v["correct"] for v in verdicts) / len(verdicts),
+    return {**gold_stats(items, answer_texts(tok, batch), batch["ended"].tolist()),
             "end_of_turn_rate": batch["ended"].float().mean().item(),
             "mean_length_tokens": mask.sum(1).mean().item(), "kl_to_sft": kl.mean().item()}
 
