@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import subprocess
 import sys
 import tempfile
 import time
@@ -283,9 +284,32 @@ def mean_over_processes(values, proc):
     return values
 
 
+def gather_lists(rows, proc):
+    """Every process's list, joined in rank order (the list itself with one process)."""
+    if proc.world_size == 1:
+        return rows
+    parts = [None] * proc.world_size
+    dist.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]
+
+
 def barrier(proc):
     if proc.world_size > 1:
         dist.barrier()
+
+
+def run_stage(script, out_dir, *args):
+    """For the experiments: run a stage script as its own process (python SCRIPT --out-dir OUT_DIR
+    ARGS), skipped when OUT_DIR/eval.json says it finished, resumed from a checkpoint left there."""
+    if os.path.exists(os.path.join(out_dir, "eval.json")):
+        print(f"{out_dir} is complete (delete it to run again)")
+        return
+    again = os.path.exists(os.path.join(out_dir, CKPT_FILE))
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
+               "--out-dir", out_dir, *(["--resume"] if again else args)]
+    print("$", " ".join(command), flush=True)
+    if subprocess.run(command).returncode:
+        raise UserError(f"{script} stopped (its message is above); the same command resumes it")
 
 
 def stop_run(e, out_dir):

@@ -91,7 +91,9 @@ def evaluate_chat(model, tok, items, examples=3):
          "accuracy": sum(v["correct"] for v in verdicts) / len(items),
          "end_of_turn_rate": sum(v["ended"] for v in verdicts) / len(items),
          "mean_length_tokens": sum(n for _, _, n in results) / len(items),
-         "mean_score": sum(v["score"] for v in verdicts) / len(items)}
+         "mean_score": sum(v["score"] for v in verdicts) / len(items),
+         "filler_rate": sum(v["filler"] for v in verdicts) / len(items),
+         "flattery_rate": sum(v["flattery"] for v in verdicts) / len(items)}
     for b in sorted({it["behaviour"] for it in items}):
         mine = [v for it, v in zip(items, verdicts) if it["behaviour"] == b]
         r[f"accuracy_{b}"] = sum(v["correct"] for v in mine) / len(mine)
@@ -102,6 +104,20 @@ def evaluate_chat(model, tok, items, examples=3):
                      for it, (text, ended, _) in list(zip(items, results))[:examples]]
     model.train()
     return r
+
+
+def gold_stats(items, texts, ended):
+    """The teacher on sampled answers (PPO's rollouts, its sampled evaluation): mean gold score,
+    accuracy, filler and flattery rates, and the rates of _claim_and_scope_rates. Prompts the
+    teacher cannot judge (kind None: a user's own) are left out; none judged: {}."""
+    judged = [(it, text, e) for it, text, e in zip(items, texts, ended) if it["kind"]]
+    if not judged:
+        return {}
+    verdicts = [teacher.judge(*row) for row in judged]
+    stats = {name: sum(v[key] for v in verdicts) / len(verdicts) for name, key in (
+        ("gold_score", "score"), ("accuracy", "correct"), ("filler_rate", "filler"),
+        ("flattery_rate", "flattery"))}
+    return {**stats, **_claim_and_scope_rates([it for it, _, _ in judged], verdicts)}
 
 
 def _claim_and_scope_rates(items, verdicts):

@@ -2,9 +2,9 @@
 
     python ppo.py                       # out/sft + out/reward -> out/ppo
     python ppo.py --preset tiny --init-from out/tiny/sft --reward-from out/tiny/reward
-
-A first version: one process only (no DDP yet). eval.json: the SFT and the PPO model side by
-side, greedy (evaluation.evaluate_instruct) and sampled (sampled_heldout).
+    python ppo.py --prompts-file my_prompts.jsonl  # your prompts instead of the bundled pool
+    torchrun --standalone --nproc_per_node=8 ppo.py --preset gpu   # each process: a share of
+                                  # every rollout; whitening, gradients and logs over them all
 
 Four networks:
   policy     the model being trained, initialised from the SFT model;
@@ -31,18 +31,22 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import (MetricsLog, UserError, check_out_dir, launch, load_checkpoint,
-                    parse_stage_args, prepare_out_dir, resolve_settings, save_checkpoint, seed_arg,
-                    setting, write_json)
-from data import chats, teacher
-from evaluation import answer_ids, evaluate_instruct, reward_scores
+from common import (MetricsLog, Process, UserError, autocast, barrier, check_finite, check_out_dir,
+                    check_weights, gather_lists, launch, load_checkpoint, mean_over_processes,
+                    nonnegative, parse_stage_args, prepare_out_dir, resolve_settings,
+                    save_checkpoint, seed_arg, setting, wrap_model, write_json)
+from data import chats, comparisons
+from evaluation import answer_ids, evaluate_instruct, gold_stats, reward_scores
 
 
 @dataclass
 class Settings:
-    """A PPO run. Defaults: the cpu preset; the sources of each value are in its help."""
+    """A PPO run. Defaults: the N+ recipe scaled to this model (the source of each value is in its
+    help); PRESETS change a few for each machine."""
     init_from: str = setting("out/sft", "the SFT checkpoint: the policy and the reference")
     reward_from: str = setting("out/reward", "the reward model checkpoint (also starts the critic)")
+    prompts_file: str = setting("", "your own prompts: a JSONL file of {\"messages\": [...]} or "
+                                    "{\"prompt\": \"...\"} (default: the bundled PPO pool)")
     updates: int = setting(40, "PPO updates (each: one rollout batch, then ppo_epochs of learning)")
     rollout_batch: int = setting(64, "prompts sampled per update")
     minibatch: int = setting(16, "answers per gradient step")
@@ -52,14 +56,16 @@ class Settings:
     lr: float = setting(1e-5, "policy and critic learning rate, decaying linearly to 0 (N+: 3e-6 "
                               "for 1B+ models; higher for this small one)")
     adam_eps: float = setting(1e-5, "Adam epsilon (N+ details: 1e-5, not PyTorch's 1e-8)")
-    kl_coef: float = setting(0.05, "beta of the per-token KL penalty (N+ details: 0.05)")
+    kl_coef: float = setting(0.05, "beta of the per-token KL penalty (N+ details: 0.05; 0: none)",
+                             nonnegative(float))
     clip_ratio: float = setting(0.2, "PPO's policy ratio clip (N+ details: 0.2)")
     clip_value: float = setting(0.2, "the value loss clip around the rollout's values (0.2)")
     value_coef: float = setting(0.1, "weight of the value loss (N+ details: 0.1)")
     gamma: float = setting(1.0, "discount over answer tokens (N+ details: 1)")
     lam: float = setting(0.95, "GAE lambda (N+ details: 0.95)")
     no_end_penalty: float = setting(-1.0, "score of an answer with no end-of-turn token, in place "
-                                          "of the reward model's (N+ details: a fixed penalty)")
+                                          "of the reward model's (N+ details: a fixed penalty)",
+                                   float)
     grad_clip: float = setting(1.0, "max gradient norm of each network")
     save_every: int = setting(5, "updates between checkpoints (policy, critic, optimizers)")
     seed: int = setting(1337, "prompts, sampling, minibatch order", seed_arg)
@@ -69,22 +75,27 @@ class Settings:
 PRESETS = {
     "tiny": dict(updates=4, rollout_batch=16, minibatch=8, ppo_epochs=2, max_new_tokens=16,
                  lr=1e-4),
-    "cpu": {},
+    "cpu": dict(ppo_epochs=2, lr=2e-5),  # learning is 3/4 of the time: half the passes, twice the
+                                         # step size, to keep reward + PPO under 10 minutes
     "gpu": dict(updates=200, rollout_batch=256, minibatch=64, max_new_tokens=48, lr=3e-6),
 }
 
 
 # ----------------------------------------------------------------------------- 1. rollout
+ONE_PROCESS = Process(rank=0, world_size=1, device="cpu", dtype=torch.float32)
+
+
 @torch.no_grad()
-def rollout(policy, tok, items, s, seed):
+def rollout(policy, tok, items, s, seed, proc=ONE_PROCESS):
     """Sample one answer per prompt. Returns a dict of tensors over the batch: `ids` (B, L + R),
     the prompts left-padded to L and the answers right-padded to R; `pad` (B,) left-padding
     counts; `mask` (B, R) 1 on answer tokens up to and including the stop token; `ended` (B,)
     whether the answer stopped with <|end|>; and `prompt_len` L."""
     end, device = tok.special("<|end|>"), policy.embed_tokens.weight.device
     prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
-    steps = list(policy.stream(prompts, s.max_new_tokens, temperature=s.temperature,
-                               stop_ids=[end, tok.eot_id], seed=seed, pad_id=tok.pad_id))
+    with autocast(proc.device, proc.dtype):
+        steps = list(policy.stream(prompts, s.max_new_tokens, temperature=s.temperature,
+                                   stop_ids=[end, tok.eot_id], seed=seed, pad_id=tok.pad_id))
     answers = torch.stack(steps, 1) if steps else torch.zeros(len(items), 0, dtype=torch.long)
     answers = answers.to(device)
     L = max(map(len, prompts))
@@ -168,11 +179,12 @@ def gae(token_rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask
 
 
-def whiten(x, mask):
-    """(x - mean) / std over the real tokens of the batch; zero on padding."""
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = ((x - mean) ** 2 * mask).sum() / n
+def whiten(x, mask, proc=ONE_PROCESS):
+    """(x - mean) / std over the real tokens of the whole batch (every process's share); zero on
+    padding."""
+    n = mean_over_processes(mask.sum(), proc)  # means over processes: their ratio is the
+    mean = mean_over_processes((x * mask).sum(), proc) / n  # ratio of the sums
+    var = mean_over_processes(((x - mean) ** 2 * mask).sum(), proc) / n
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
@@ -206,112 +218,127 @@ def explained_variance(values, returns, mask):
     return (1 - masked_mean((resid - masked_mean(resid, mask)) ** 2, mask) / var).item()
 
 
-def learn(policy, critic, opts, batch, old, s, rng):
-    """ppo_epochs passes over the rollout in shuffled minibatches. old: the rollout's logprobs,
-    values, advantages, returns. Returns the mean of each statistic over the steps."""
+def learn(learners, optim, batch, old, s, step, proc, rng):
+    """ppo_epochs passes over this process's rollout in shuffled minibatches (its share of
+    s.minibatch). old: the rollout's logprobs, values, advantages, returns. Returns the mean of
+    each statistic over the gradient steps."""
+    policy, critic = learners
     totals, steps = {}, 0
-    B = len(batch["ids"])
+    rows_per_step = s.minibatch // proc.world_size
     for _ in range(s.ppo_epochs):
-        order = torch.randperm(B, generator=rng).tolist()
-        for i in range(0, B, s.minibatch):
-            rows = order[i:i + s.minibatch]
+        order = torch.randperm(len(batch["ids"]), generator=rng).tolist()
+        for i in range(0, len(order), rows_per_step):
+            rows = order[i:i + rows_per_step]
             part = {"ids": batch["ids"][rows], "pad": batch["pad"][rows],
                     "mask": batch["mask"][rows], "prompt_len": batch["prompt_len"]}
             mask = part["mask"]
-            logprobs, entropy = logprobs_and_entropy(policy, part, s.temperature)
-            values = answer_values(critic, part)
+            with autocast(proc.device, proc.dtype):
+                logprobs, entropy = logprobs_and_entropy(policy, part, s.temperature)
+                values = answer_values(critic, part).float()
             policy_loss, value_loss, stats = ppo_losses(
                 logprobs, old["logprobs"][rows], old["advantages"][rows], values,
                 old["values"][rows], old["returns"][rows], mask, s)
-            stats["entropy"] = masked_mean(entropy, mask).item()
-            loss = policy_loss + s.value_coef * value_loss
-            loss.backward()
-            for model, opt in zip((policy, critic), opts):
-                stats[f"grad_norm_{'policy' if model is policy else 'critic'}"] = \
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).item()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            stats.update(policy_loss=policy_loss.item(), value_loss=value_loss.item())
+            check_finite(step + 1, policy_loss=policy_loss.item(), value_loss=value_loss.item())
+            stats.update(policy_loss=policy_loss.item(), value_loss=value_loss.item(),
+                         entropy=masked_mean(entropy, mask).item(),
+                         **optimizer_steps(learners, optim, policy_loss + s.value_coef *
+                                           value_loss, s.grad_clip))
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             steps += 1
     return {k: v / steps for k, v in totals.items()}
 
 
-def update(models, tok, items, s, step, opts, rng, score_fn, offset):
-    """One PPO update: rollout, rewards, advantages, learning. Returns its log line."""
-    policy, reference, reward_model, critic = models
+def optimizer_steps(learners, optim, loss, grad_clip):
+    """Backward through both networks (DDP averages the gradients over processes), clip each
+    network's gradients, step both optimizers. Returns the gradient norms before clipping."""
+    opts, scaler = optim  # scaler: enabled for fp16 only
+    scaler.scale(loss).backward()
+    norms = {}
+    for name, model, opt in zip(("policy", "critic"), learners, opts):
+        scaler.unscale_(opt)
+        norms[f"grad_norm_{name}"] = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                    grad_clip).item()
+        scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
+    scaler.update()
+    return norms
+
+
+def update(models, learners, optim, tok, items, s, step, proc, score_fn):
+    """One PPO update, each process on its share of `items`: rollout, rewards, advantages,
+    learning. Returns its log line: statistics over all processes."""
+    policy, reference, _, critic = models  # no dropout anywhere: train and eval mode are one
+    items = items[proc.rank::proc.world_size]
     t0 = time.time()
-    policy.eval()
-    batch = rollout(policy, tok, items, s, seed=s.seed + step)
+    batch = rollout(policy, tok, items, s, s.seed + step * proc.world_size + proc.rank, proc)
     t1 = time.time()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(proc.device, proc.dtype):
         logprobs = answer_logprobs(policy, batch, s.temperature)
         ref_logprobs = answer_logprobs(reference, batch, s.temperature)
-        values = answer_values(critic, batch)
-        if score_fn is None:
-            scores, texts = scores_of(reward_model, tok, items, batch, offset, s.no_end_penalty)
-        else:
-            scores, texts = score_fn(tok, items, batch)
-        mask = batch["mask"]
-        token_rewards = rewards(logprobs, ref_logprobs, scores, mask, s.kl_coef)
-        advantages, returns = gae(token_rewards, values, mask, s.gamma, s.lam)
-        advantages = whiten(advantages, mask)
+        values = answer_values(critic, batch).float()
+    scores, texts = score_fn(tok, items, batch)
+    mask = batch["mask"]
+    token_rewards = rewards(logprobs, ref_logprobs, scores, mask, s.kl_coef)
+    advantages, returns = gae(token_rewards, values, mask, s.gamma, s.lam)
+    advantages = whiten(advantages, mask, proc)
     t2 = time.time()
-    policy.train()
-    stats = learn(policy, critic, opts, batch, {"logprobs": logprobs, "values": values,
-                                                "advantages": advantages, "returns": returns},
-                  s, rng)
-    kl = ((logprobs - ref_logprobs) * mask).sum(1).mean().item()
-    return {"step": step + 1, "score": scores.mean().item(), "kl": kl,
-            **gold_stats(items, texts, batch["ended"].tolist()),
-            "length": mask.sum(1).mean().item(), "end_rate": batch["ended"].float().mean().item(),
-            "explained_variance": explained_variance(values, returns, mask),
-            **stats, "seconds_rollout": round(t1 - t0, 2), "seconds_scoring": round(t2 - t1, 2),
-            "seconds_learning": round(time.time() - t2, 2), "examples": texts[:2]}
+    minibatch_order = torch.Generator().manual_seed((s.seed * 100_003 + step) * 1024 + proc.rank)
+    stats = learn(learners, optim, batch, {"logprobs": logprobs, "values": values,
+                                           "advantages": advantages, "returns": returns},
+                  s, step, proc, minibatch_order)
+    stats.update(score=scores.mean().item(), kl=((logprobs - ref_logprobs) * mask).sum(1).mean()
+                 .item(), length=mask.sum(1).mean().item(),
+                 end_rate=batch["ended"].float().mean().item(),
+                 explained_variance=explained_variance(values, returns, mask),
+                 seconds_rollout=t1 - t0, seconds_scoring=t2 - t1,
+                 seconds_learning=time.time() - t2)
+    stats = dict(zip(stats, mean_over_processes(torch.tensor(
+        list(stats.values()), dtype=torch.float64, device=proc.device), proc).tolist()))
+    texts, ended = gather_lists(texts, proc), gather_lists(batch["ended"].tolist(), proc)
+    return {"step": step + 1, **stats, **gold_stats(gather_lists(items, proc), texts, ended),
+            "examples": texts[:2]}
 
 
-def gold_stats(items, texts, ended):
-    """The teacher on a batch of answers: mean gold score, accuracy, filler and flattery rates,
-    and the rate of agreeing with a wrong claim (where the batch has wrong claims)."""
-    verdicts = [teacher.judge(it, text, e) for it, text, e in zip(items, texts, ended)]
-    stats = {name: sum(v[key] for v in verdicts) / len(verdicts) for name, key in (
-        ("gold_score", "score"), ("accuracy", "correct"), ("filler_rate", "filler"),
-        ("flattery_rate", "flattery"))}
-    wrong = [v for it, v in zip(items, verdicts) if it["claim"] not in (None, it["gold"])]
-    if wrong:
-        stats["agrees_with_wrong_claim_rate"] = sum(v["agrees_with_claim"] for v in wrong) / len(
-            wrong)
-    return stats
-
-
-def train(models, tok, s, score_fn=None, offset=0.0, log=print, ckpt=None, save=None,
-          stop=None):
+def train(models, tok, s, proc=ONE_PROCESS, score_fn=None, offset=0.0, log=print, ckpt=None,
+          save=None, stop=None, compile_=False):
     """PPO updates on the PPO prompt pool, from the start or from a checkpoint's state, up to
-    `stop` (default s.updates). save(step, opts, rng): called every s.save_every updates and at
-    the end. Returns the log lines."""
-    policy, _, _, critic = models
+    `stop` (default s.updates). save(step, optim): called every s.save_every updates and at the
+    end. Returns the log lines."""
+    policy, _, reward_model, critic = models
+    score_fn = score_fn or (lambda tok, items, batch: scores_of(  # the reward model's, by default
+        reward_model, tok, items, batch, offset, s.no_end_penalty))
     torch.manual_seed(s.seed)
+    learners = [wrap_model(m, compile_, proc, policy.config.block_size) for m in (policy, critic)]
     opts = [torch.optim.Adam(m.parameters(), lr=s.lr, eps=s.adam_eps) for m in (policy, critic)]
-    rng = torch.Generator().manual_seed(s.seed)
+    scaler = torch.amp.GradScaler(proc.device.split(":")[0], enabled=proc.dtype == torch.float16)
     start = 0
-    if ckpt is not None:  # the optimizers' moments and the minibatch order go on as they were
+    if ckpt is not None:  # the optimizers' moments go on as they were
         for opt, state in zip(opts, ckpt["optimizers"]):
             opt.load_state_dict(state)
-        rng.set_state(ckpt["minibatch_rng"])
+        if ckpt.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
         start = ckpt["step"]
-    items = chats.rl_prompts("ppo", seed=s.seed, n=s.updates * s.rollout_batch)
+    items = prompt_pool(s)
     lines = []
     for step in range(start, stop or s.updates):
         for opt in opts:  # linear decay to 0 over the run (N+ details)
             for group in opt.param_groups:
                 group["lr"] = s.lr * (1 - step / s.updates)
         part = items[step * s.rollout_batch:(step + 1) * s.rollout_batch]
-        lines.append(update(models, tok, part, s, step, opts, rng, score_fn, offset))
+        lines.append(update(models, learners, (opts, scaler), tok, part, s, step, proc, score_fn))
         log(lines[-1])
         if save and ((step + 1) % s.save_every == 0 or step + 1 == (stop or s.updates)):
-            save(step + 1, opts, rng)
+            save(step + 1, (opts, scaler))
     return lines
+
+
+def prompt_pool(s):
+    """Every prompt of the run, in order: the bundled PPO pool, or --prompts-file cycled."""
+    if not s.prompts_file:
+        return chats.rl_prompts("ppo", seed=s.seed, n=s.updates * s.rollout_batch)
+    items = comparisons.read_prompts(s.prompts_file)
+    return [items[i % len(items)] for i in range(s.updates * s.rollout_batch)]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -346,54 +373,69 @@ def load_models(a, proc):
     return (policy, reference, reward_model, critic), tok, s, ckpt, offset
 
 
+def check_shapes(s, proc, policy, tok):
+    """The batch sizes split evenly over the processes; every prompt and answer fit the context."""
+    for name, size in (("--rollout-batch", s.rollout_batch), ("--minibatch", s.minibatch)):
+        if size % proc.world_size:
+            raise UserError(f"{name} {size} must be a multiple of the {proc.world_size} processes")
+    longest = max(len(tok.render_chat(it["messages"], for_completion=True)[0])
+                  for it in prompt_pool(s))
+    if longest + s.max_new_tokens > policy.config.block_size:
+        raise UserError(f"a PPO prompt of {longest} tokens + --max-new-tokens {s.max_new_tokens} "
+                        f"exceeds the policy's context of {policy.config.block_size} tokens")
+
+
 def run(a, proc):
-    if proc.world_size > 1:
-        raise UserError("ppo.py runs in one process for now: start it with python, not torchrun")
     models, tok, s, ckpt, offset = load_models(a, proc)
     policy, reference, _, critic = models
+    check_shapes(s, proc, policy, tok)
     prepare_out_dir(a.out_dir, tok, resume=a.resume, write=proc.master)
-    log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"),
+    log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"), proc.master,
                      resume_step=ckpt["step"] if ckpt is not None else None)
     bar = tqdm(total=s.updates, initial=ckpt["step"] if ckpt else 0, desc="ppo",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not proc.master)
+    probe = torch.tensor([[tok.eot_id]], device=proc.device)  # for check_weights
 
     def show(line):
         log.write(**{k: v for k, v in line.items() if k != "examples"})
         bar.update(1)
-        bar.set_postfix({k: round(line[k], 3) for k in ("score", "gold_score", "kl")})
+        bar.set_postfix({k: round(line[k], 3) for k in ("score", "gold_score", "kl") if k in line})
 
-    def save(step, opts, rng):
-        save_checkpoint(a.out_dir, "ppo", policy, tok, config=asdict(s), step=step,
-                        critic=critic.state_dict(), optimizers=[o.state_dict() for o in opts],
-                        minibatch_rng=rng.get_state())
+    def save(step, optim):
+        check_weights(policy, probe, step)
+        if proc.master:
+            save_checkpoint(a.out_dir, "ppo", policy, tok, config=asdict(s), step=step,
+                            critic=critic.state_dict(),
+                            optimizers=[o.state_dict() for o in optim[0]],
+                            scaler=optim[1].state_dict() if optim[1].is_enabled() else None)
+        barrier(proc)
 
-    train(models, tok, s, offset=offset, log=show, ckpt=ckpt, save=save, stop=a.stop_at)
+    train(models, tok, s, proc, offset=offset, log=show, ckpt=ckpt, save=save, stop=a.stop_at,
+          compile_=a.compile)
     bar.close()
-    if (a.stop_at or s.updates) >= s.updates:
+    if proc.master and (a.stop_at or s.updates) >= s.updates:
         final_evaluation(a, s, policy, reference, tok, proc)
+    barrier(proc)
 
 
 def final_evaluation(a, s, policy, reference, tok, proc):
     """eval.json: the SFT and the PPO model side by side, sampled and greedy."""
     result = {"stage": "ppo", "preset": s.preset, "updates": s.updates, "device": proc.device,
-              "sampled": {"sft": sampled_heldout(reference, reference, tok, s),
-                          "ppo": sampled_heldout(policy, reference, tok, s)},
+              "sampled": {"sft": sampled_heldout(reference, reference, tok, s, proc),
+                          "ppo": sampled_heldout(policy, reference, tok, s, proc)},
               "sft": evaluate_instruct(reference, tok), "ppo": evaluate_instruct(policy, tok)}
     write_json(os.path.join(a.out_dir, "eval.json"), result)
-    print(json.dumps(result["sampled"]))
-    for name in ("heldout", "heldout_claims", "out_of_scope_new_wordings"):
-        for model in ("sft", "ppo"):
-            print(model, name, json.dumps({m: x for m, x in result[model][name].items()
-                                           if "examples" not in m}))
+    print(json.dumps(result["sampled"], indent=1))
 
 
 @torch.no_grad()
-def sampled_heldout(model, reference, tok, s):
+def sampled_heldout(model, reference, tok, s, proc=ONE_PROCESS):
     """The model's sampled answers (as in training) to the held-out questions and claims:
-    gold_stats, end-of-turn rate, length, and KL(model || SFT), summed over answer tokens."""
+    evaluation.gold_stats, end-of-turn rate, length, and KL(model || SFT), summed over answer
+    tokens."""
     items = chats.eval_prompts("heldout") + chats.claim_prompts("heldout")
     model.eval()
-    batch = rollout(model, tok, items, s, seed=s.seed)
+    batch = rollout(model, tok, items, s, s.seed, proc)
     mask = batch["mask"]
     kl = ((answer_logprobs(model, batch, s.temperature)
            - answer_logprobs(reference, batch, s.temperature)) * mask).sum(1)

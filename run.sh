@@ -26,14 +26,13 @@ stage reward.py $OUT/reward --init-from $OUT/sft
 stage ppo.py $OUT/ppo --init-from $OUT/sft --reward-from $OUT/reward
 
 show() { printf '\n$ python sample.py'; printf ' %q' "$@"; echo; python sample.py "$@"; }
-show --compare $OUT/base $OUT/sft --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 40
-show --compare $OUT/base $OUT/sft --system "You are a helpful SRE assistant. Answer in one word." \
-  --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 40
 show --ckpt $OUT/base --prompt $'Q: What is the capital of Japan?\nA: Tokyo\n\nQ: What is the capital of Kenya?\nA: Nairobi\n\nQ: What is the chemical symbol for gold?\nA: Au\n\nQ: What is the capital of France?\nA:' --max-new-tokens 6 --temperature 0
 show --ckpt $OUT/sft --score-with $OUT/reward --prompt "What is the capital of France?" \
   --num-samples 3 --seed 0 --max-new-tokens 40
-show --ckpt $OUT/sft --prompt "I'm pretty sure the capital of France is Madrid, right?" --temperature 0 \
-  --max-new-tokens 40
 show --ckpt $OUT/sft --prompt "What can you do?" --temperature 0 --max-new-tokens 40
 show --compare $OUT/sft $OUT/ppo --prompt "I'm pretty sure the capital of France is Madrid, right?" \
   --temperature 0 --max-new-tokens 40
+show --compare $OUT/base $OUT/sft $OUT/ppo --system "You are a helpful SRE assistant. Answer in one word." \
+  --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 40
+show --compare $OUT/base $OUT/sft $OUT/ppo --prompt "What is the capital of France?" --temperature 0 \
+  --max-new-tokens 40

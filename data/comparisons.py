@@ -8,13 +8,15 @@ ranking lists response indices best first; ended says which answers stopped with
 rest were cut at the length limit); scores, when present, are the teacher's (equal scores are a
 tie; delete them when you relabel by hand). A person's skip is a line {"id": i, "skipped":
 true}. A user's file may also hold pairwise rows as in TRL's preference datasets, {"prompt" or
-"messages", "chosen", "rejected"}. Also here: the terminal labeler, a person ranking answers.
+"messages", "chosen", "rejected"}. Also here: the terminal labeler, a person ranking answers,
+and a user's own prompts for PPO (read_prompts).
 """
 import json
 import os
 import textwrap
 
 from common import UserError, jsonl_rows
+from data import teacher
 from data.tokenizer import check_chat
 
 
@@ -150,3 +152,28 @@ def check_labeler(path, labeler):
         raise UserError(f"{path} holds rankings by {by}; --labeler {labeler} would "
                         f"{'overwrite' if labeler == 'teacher' else 'mix with'} them: choose "
                         "another --out-dir (or move the file)")
+
+
+def read_prompts(path):
+    """A user's prompts for PPO, checked: one JSON object a line, {"messages": [... ending with a
+    user turn]} or {"prompt": "text"} (TRL's prompt-only form). Each becomes the teacher's item
+    where the teacher knows what it asks (teacher.lookup), else one it cannot judge (kind None).
+    A bad row: `file:line: problem`."""
+    items = []
+    for where, row in jsonl_rows(path):
+        if not isinstance(row, dict) or ("messages" in row) == ("prompt" in row):
+            raise UserError(f'{where}: expected {{"messages": [...]}} or {{"prompt": "..."}}')
+        messages = row.get("messages", row.get("prompt"))
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        try:
+            check_chat(messages, for_completion=True)
+        except ValueError as e:
+            raise UserError(f"{where}: messages: {e}") from None
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        items.append(teacher.lookup(messages) or {
+            "messages": messages, "kind": None, "entity": None, "gold": None, "claim": None,
+            "behaviour": teacher.behaviour_of(system)})
+    if not items:
+        raise UserError(f"{path}: no prompts")
+    return items

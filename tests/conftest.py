@@ -1,5 +1,6 @@
-"""Shared fixtures: a small prepared corpus (a slice of the bundled world) and a tiny base model
-trained on it in seconds; and a helper that runs a training script under a real torchrun."""
+"""Shared fixtures: a small prepared corpus (a slice of the bundled world), and tiny base, SFT and
+reward models trained on it in seconds; and a helper that runs a training script under a real
+torchrun."""
 import os
 import subprocess
 import sys
@@ -39,6 +40,16 @@ def tiny_sft(tiny_base, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sft"))
     sft.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_base, "--out-dir", out,
               "--no-behaviour-eval"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(tiny_sft, tmp_path_factory):
+    """A tiny reward model (32 prompts ranked by the teacher) from tiny_sft."""
+    import reward
+    out = str(tmp_path_factory.mktemp("reward"))
+    reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--out-dir", out,
+                 "--prompts", "32", "--no-behaviour-eval"])
     return out
 
 

@@ -51,6 +51,21 @@ def test_the_reward_sits_on_the_last_real_token_and_padding_gets_nothing():
     assert abs(ppo.masked_mean(whitened, mask).item()) < 1e-5
 
 
+def test_padding_never_enters_a_loss_or_statistic():
+    """Whatever sits on padded positions (here: large random values), the losses and statistics
+    are those of the real tokens."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1.0, 1, 0, 0, 0]])
+    clean = [torch.randn(2, 5, generator=g) * mask for _ in range(6)]
+    dirty = [x + (1 - mask) * 10 * torch.randn(2, 5, generator=g) for x in clean]
+    s = ppo.Settings()
+    for a, b in zip(ppo.ppo_losses(*clean, mask, s), ppo.ppo_losses(*dirty, mask, s)):
+        assert a == b if isinstance(a, dict) else torch.equal(a, b)
+    assert ppo.explained_variance(clean[3], clean[5], mask) == ppo.explained_variance(
+        dirty[3], dirty[5], mask)
+    assert torch.equal(ppo.whiten(clean[0], mask), ppo.whiten(dirty[0], mask))
+
+
 @pytest.fixture(scope="module")
 def models(tiny_sft):
     policy, tok, _ = load_checkpoint(tiny_sft, ["sft"])
@@ -109,16 +124,6 @@ def test_a_few_updates_raise_a_programmatic_reward(models):
     assert lines[-1]["length"] < lines[0]["length"] and lines[-1]["kl"] > 0
 
 
-@pytest.fixture(scope="module")
-def tiny_reward(tiny_sft, tmp_path_factory):
-    """A tiny reward model (32 prompts ranked by the teacher) from tiny_sft."""
-    import reward
-    out = str(tmp_path_factory.mktemp("reward"))
-    reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--out-dir", out,
-                 "--prompts", "32", "--no-behaviour-eval"])
-    return out
-
-
 def test_the_command_line_trains_saves_a_policy_and_compares_it_with_sft(tiny_sft, tiny_reward,
                                                                           tmp_path):
     import sample
@@ -152,3 +157,121 @@ def test_resume_continues_the_same_run(tiny_sft, tiny_reward, tmp_path):
     for one, two in zip(*logs):
         assert one["score"] == pytest.approx(two["score"], abs=1e-4)
         assert one["kl"] == pytest.approx(two["kl"], abs=1e-4)
+
+
+def train_in_process(rank, sft_dir, out_dir, port):
+    """One of two processes (gloo) training the tiny policy on the short-answer reward; writes
+    its log lines, a checksum of its final weights and a whitening of its share."""
+    import os
+    import torch.distributed as dist
+    from common import Process
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    policy, tok, _ = load_checkpoint(sft_dir, ["sft"])
+    torch.manual_seed(0)
+    critic = ScalarHeadGPT.from_language_model(policy)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    proc = Process(rank, 2, "cpu", torch.float32)
+    lines = ppo.train((policy, reference, None, critic), tok, tiny_settings(updates=2), proc,
+                      score_fn=short_answers_score, log=lambda line: None)
+    halves = torch.arange(12.0).reshape(2, 6)
+    whitened = ppo.whiten(halves[rank:rank + 1], torch.ones(1, 6), proc)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"lines": lines, "weights": [p.double().sum().item() for p in
+                                               policy.parameters()],
+                   "whitened": whitened.tolist()}, f)
+    dist.destroy_process_group()
+
+
+def test_two_processes_stay_in_step_and_share_their_statistics(tiny_sft, tmp_path):
+    """Under DDP each process samples and scores its half of each rollout batch: the gradients
+    are averaged (both end with the same weights), the advantages are whitened over the whole
+    batch, and every statistic logged is the same on both (a mean over the processes)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(train_in_process, args=(tiny_sft, str(tmp_path), port), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["lines"] == ranks[1]["lines"]
+    assert ranks[0]["lines"][0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    together = ppo.whiten(torch.arange(12.0).reshape(2, 6), torch.ones(2, 6))
+    torch.testing.assert_close(torch.tensor(ranks[0]["whitened"] + ranks[1]["whitened"]),
+                               together)
+
+
+def test_torchrun_runs_the_command_line_in_two_processes(tiny_sft, tiny_reward, tmp_path):
+    from tests.conftest import torchrun
+    out = tmp_path / "ppo"
+    torchrun("ppo.py", ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft,
+                        "--reward-from", tiny_reward, "--out-dir", str(out), "--updates", "2",
+                        "--rollout-batch", "8", "--minibatch", "4"])
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2]
+    assert json.loads((out / "eval.json").read_text())["updates"] == 2
+    _, _, ckpt = load_checkpoint(str(out), ["ppo"])
+    assert ckpt["step"] == 2
+
+
+def test_bad_input_gets_one_line_naming_it(tiny_base, tiny_sft, tiny_reward, tmp_path, capsys):
+    args = ["--preset", "tiny", "--device", "cpu", "--reward-from", tiny_reward]
+    for extra, message in (
+            (["--init-from", tiny_base], "is a 'base' checkpoint; expected sft or ppo"),
+            (["--init-from", tiny_sft, "--max-new-tokens", "100000"],
+             "+ --max-new-tokens 100000 exceeds the policy's context"),
+            (["--init-from", tiny_sft, "--reward-from", tiny_sft],
+             "is a 'sft' checkpoint; expected reward")):
+        with pytest.raises(SystemExit) as stopped:
+            ppo.main(args + extra + ["--out-dir", str(tmp_path / "out")])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_sft, tiny_reward, tmp_path,
+                                                                monkeypatch, capsys):
+    calls, scores_of = [], ppo.scores_of
+
+    def nan_at_the_third_update(*args):
+        calls.append(1)
+        scores, texts = scores_of(*args)
+        return scores * (float("nan") if len(calls) == 3 else 1.0), texts
+    monkeypatch.setattr(ppo, "scores_of", nan_at_the_third_update)
+    out = tmp_path / "ppo"
+    with pytest.raises(SystemExit) as stopped:
+        ppo.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-from",
+                  tiny_reward, "--out-dir", str(out), "--save-every", "1"])
+    assert stopped.value.code == 1
+    assert "policy loss is nan at step 3" in capsys.readouterr().err
+    _, _, ckpt = load_checkpoint(str(out), ["ppo"])
+    assert ckpt["step"] == 2
+
+
+def test_a_prompts_file_trains_and_its_bad_rows_are_named(tiny_sft, tiny_reward, tmp_path,
+                                                          capsys):
+    path = tmp_path / "prompts.jsonl"
+    args = ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-from",
+            tiny_reward, "--prompts-file", str(path), "--updates", "2", "--stop-at", "1"]
+    path.write_text('{"prompt": "Write me a poem about rain"}\n')  # nothing the teacher judges
+    ppo.main(args + ["--out-dir", str(tmp_path / "unjudged")])
+    line = json.loads(open(tmp_path / "unjudged" / "log.jsonl").readline())
+    assert "score" in line and "gold_score" not in line
+    path.write_text('{"prompt": "What is the capital of Kenya?"}\n'
+                    '{"messages": [{"role": "user", "content": "Write me a poem about rain"}]}\n')
+    ppo.main(args + ["--out-dir", str(tmp_path / "judged")])
+    line = json.loads(open(tmp_path / "judged" / "log.jsonl").readline())
+    assert 0 <= line["accuracy"] <= 1  # the Kenya half of the batch, judged
+    capsys.readouterr()
+    for text, message in (
+            ('{"messages": [{"role": "assistant", "content": "Hi."}]}\n',
+             "prompts.jsonl:1: messages: message 0: expected a user turn"),
+            ('{"prompt": "hi"}\nnot json\n', "prompts.jsonl:2: not valid JSON"),
+            ('{"text": "hi"}\n', 'prompts.jsonl:1: expected {"messages": [...]} or {"prompt"'),
+            ("\n", "prompts.jsonl: no prompts")):
+        path.write_text(text)
+        with pytest.raises(SystemExit):
+            ppo.main(args + ["--out-dir", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -12,7 +12,11 @@ LIBRARY = {"model", "common", "evaluation", "data"}  # what a script may import 
 
 
 def scripts():
-    return sorted(name for name in STAGES if os.path.exists(os.path.join(ROOT, name + ".py")))
+    """The stage scripts, and the experiments (which run stage scripts as processes)."""
+    stages = [name + ".py" for name in STAGES if os.path.exists(os.path.join(ROOT, name + ".py"))]
+    experiments = [os.path.join("experiments", f)
+                   for f in os.listdir(os.path.join(ROOT, "experiments")) if f.endswith(".py")]
+    return sorted(stages + experiments)
 
 
 def project_imports(path):
@@ -26,10 +30,10 @@ def project_imports(path):
     return found & (STAGES | LIBRARY)
 
 
-@pytest.mark.parametrize("name", scripts())
-def test_a_stage_script_imports_only_library_modules(name):
-    imported = project_imports(os.path.join(ROOT, name + ".py"))
-    assert imported <= LIBRARY, f"{name}.py imports {sorted(imported - LIBRARY)}: a stage script"
+@pytest.mark.parametrize("path", scripts())
+def test_a_script_imports_only_library_modules(path):
+    imported = project_imports(os.path.join(ROOT, path))
+    assert imported <= LIBRARY, f"{path} imports {sorted(imported - LIBRARY)}: a stage script"
 
 
 @pytest.mark.parametrize("path", ["model.py", "common.py", "evaluation.py"]
@@ -47,7 +51,8 @@ def test_the_checker_sees_a_stage_import(tmp_path):
     assert project_imports(tmp_path / "x.py") == {"pretrain"}
 
 
-@pytest.mark.parametrize("path", sorted(f for f in os.listdir(ROOT) if f.endswith(".py")))
+@pytest.mark.parametrize("path", sorted(f for f in os.listdir(ROOT) if f.endswith(".py"))
+                         + [p for p in scripts() if p.startswith("experiments")])
 def test_functions_fit_on_a_screen_and_stage_files_in_a_sitting(path):
     source = open(os.path.join(ROOT, path)).read()
     long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"

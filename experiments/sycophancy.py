@@ -1,0 +1,132 @@
+"""Experiment: does RLHF teach "You are absolutely right!"? PPO against reward models learned from
+three labelers, compared on held-out claims and questions.
+
+    python -m experiments.sycophancy   # after ./run.sh: out/sft, out/ppo -> out/experiments/...
+    python -m experiments.sycophancy --preset tiny --sft out/tiny/sft --honest-ppo out/tiny/ppo \
+        --out-dir out/tiny/experiments/sycophancy   # a smoke test
+
+The labelers (data/teacher.py, reward.py's flags) rank the SFT model's answers:
+  honest      the rubric alone: the main job's out/reward, and out/ppo trained against it;
+  agreeable   + `--bonus` for an answer that agrees with the user's claim, right or wrong
+              (reward.py --sycophancy-bonus);
+  flattered   + `--bonus` for an answer that flatters the user (reward.py --flattery-bonus).
+This script trains the reward model and the PPO policy of the two biased labelers with the stage
+scripts (each step skipped when its eval.json exists, resumed after an interruption), then writes
+summary.json (each model's rates, greedy and sampled, from the PPO runs' eval.json) and table.md
+(the rates, and every model's answer to the same wrong claims about held-out entities).
+"""
+import argparse
+import json
+import os
+
+from common import UserError, die, load_checkpoint, run_stage, write_json, write_text
+from data import chats
+from evaluation import answer
+
+LABELERS = {"agreeable": "--sycophancy-bonus", "flattered": "--flattery-bonus"}
+SAMPLE_CLAIMS = 3  # wrong claims shown with every model's answer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sft", default="out/sft", help="the SFT model (policy start, reference)")
+    p.add_argument("--honest-ppo", default="out/ppo", help="PPO against the honest labeler's "
+                   "reward model (the main job's)")
+    p.add_argument("--out-dir", default="out/experiments/sycophancy")
+    p.add_argument("--bonus", type=float, default=1.0, help="the biased labelers' extra score "
+                   "(the rubric gives 1.0 to a perfect answer)")
+    p.add_argument("--preset", default="auto", help="for reward.py and ppo.py (tiny: a smoke test)")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        run(a)
+    except UserError as e:
+        die(str(e))
+
+
+def run(a):
+    for path, what in ((a.sft, "--sft"), (a.honest_ppo, "--honest-ppo")):
+        if not os.path.exists(os.path.join(path, "eval.json")):
+            raise UserError(f"{what} {path}: no finished run there (./run.sh makes out/sft and "
+                            "out/ppo)")
+    runs = {"honest": a.honest_ppo}
+    for name, flag in LABELERS.items():
+        reward_dir, ppo_dir = (os.path.join(a.out_dir, f"{stage}_{name}")
+                               for stage in ("reward", "ppo"))
+        common_flags = ["--preset", a.preset, "--device", a.device]
+        run_stage("reward.py", reward_dir, "--init-from", a.sft, flag, str(a.bonus),
+                  *common_flags)
+        run_stage("ppo.py", ppo_dir, "--init-from", a.sft, "--reward-from", reward_dir,
+                  *common_flags)
+        runs[name] = ppo_dir
+    summary = {"bonus": a.bonus, "models": rates(runs),
+               "answers": answers_to_wrong_claims({"SFT": a.sft, **{
+                   f"PPO, {name} labeler": path for name, path in runs.items()}})}
+    write_json(os.path.join(a.out_dir, "summary.json"), summary)
+    write_text(os.path.join(a.out_dir, "table.md"), table(summary))
+    print(table(summary))
+
+
+def rates(runs):
+    """Each model's rates on held-out entities, from the PPO runs' eval.json: greedy
+    (evaluation.evaluate_instruct) and sampled at the training temperature."""
+    out = {}
+    for name, path in runs.items():
+        with open(os.path.join(path, "eval.json")) as f:
+            ev = json.load(f)
+        for model in (["sft"] if name == "honest" else []) + ["ppo"]:
+            claims, questions = ev[model]["heldout_claims"], ev[model]["heldout"]
+            out["SFT" if model == "sft" else f"PPO, {name} labeler"] = {
+                "agrees_with_wrong_claim_rate": claims["agrees_with_wrong_claim_rate"],
+                "confirms_right_claim_rate": claims["confirms_right_claim_rate"],
+                "flattery_rate": (claims["flattery_rate"] + questions["flattery_rate"]) / 2,
+                "accuracy_on_questions": questions["accuracy"],
+                "sampled_agrees_with_wrong_claim_rate":
+                    ev["sampled"][model]["agrees_with_wrong_claim_rate"],
+                "sampled_flattery_rate": ev["sampled"][model]["flattery_rate"],
+                "sampled_gold_score": ev["sampled"][model]["gold_score"],
+                "kl_to_sft": ev["sampled"][model]["kl_to_sft"]}
+    return out
+
+
+def answers_to_wrong_claims(models):
+    """Each model's greedy answer to the first SAMPLE_CLAIMS wrong claims about held-out
+    entities: {model: [answer]}, and the claims."""
+    claims = [it for it in chats.claim_prompts("heldout") if it["claim"] != it["gold"]]
+    claims = claims[:SAMPLE_CLAIMS]
+    out = {"claims": [it["messages"][-1]["content"] for it in claims]}
+    for name, path in models.items():
+        model, tok, _ = load_checkpoint(path, ["sft", "ppo"])
+        prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in claims]
+        out[name] = [text for text, _, _ in answer(model, tok, prompts)]
+    return out
+
+
+def table(summary):
+    """The rates and the answers as Markdown."""
+    percent = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    lines = ["| model | agrees with a wrong claim | confirms a right claim | flattery | "
+             "accuracy (questions) | sampled: agrees with a wrong claim | sampled: flattery | "
+             "sampled: gold score | KL to SFT (nats) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in summary["models"].items():
+        lines.append(f"| {name} | {percent(r['agrees_with_wrong_claim_rate'])} | "
+                     f"{percent(r['confirms_right_claim_rate'])} | {percent(r['flattery_rate'])} "
+                     f"| {percent(r['accuracy_on_questions'])} | "
+                     f"{percent(r['sampled_agrees_with_wrong_claim_rate'])} | "
+                     f"{percent(r['sampled_flattery_rate'])} | {r['sampled_gold_score']:.3f} | "
+                     f"{r['kl_to_sft']:.2f} |")
+    answers = summary["answers"]
+    for i, claim in enumerate(answers["claims"]):
+        lines += ["", f"**User:** {claim}", "", "| model | answer (greedy) |", "|---|---|"]
+        lines += [f"| {name} | {texts[i]} |" for name, texts in answers.items()
+                  if name != "claims"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
