@@ -298,15 +298,16 @@ def barrier(proc):
         dist.barrier()
 
 
-def run_stage(script, out_dir, *args):
+def run_stage(script, out_dir, device, *args):
     """For the experiments: run a stage script as its own process (python SCRIPT --out-dir OUT_DIR
-    ARGS), skipped when OUT_DIR/eval.json says it finished, resumed from a checkpoint left there."""
+    --device DEVICE ARGS), skipped when OUT_DIR/eval.json says it finished, resumed from a
+    checkpoint left there."""
     if os.path.exists(os.path.join(out_dir, "eval.json")):
         print(f"{out_dir} is complete (delete it to run again)")
         return
     again = os.path.exists(os.path.join(out_dir, CKPT_FILE))
     command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
-               "--out-dir", out_dir, *(["--resume"] if again else args)]
+               "--out-dir", out_dir, "--device", device, *(["--resume"] if again else args)]
     print("$", " ".join(command), flush=True)
     if subprocess.run(command).returncode:
         raise UserError(f"{script} stopped (its message is above); the same command resumes it")

@@ -142,11 +142,11 @@ def rewards(logprobs, ref_logprobs, scores, mask, kl_coef):
 
 
 def answer_texts(tok, batch):
-    """Each answer's text: its real tokens, without the stop token."""
-    L, texts = batch["prompt_len"], []
-    for row, m, ended in zip(batch["ids"][:, L:].tolist(), batch["mask"].tolist(),
-                             batch["ended"].tolist()):
-        texts.append(tok.decode([t for t, keep in zip(row, m) if keep][:-1 if ended else None]))
+    """Each answer's text: its real tokens, without the stop token (<|end|> or <|endoftext|>)."""
+    L, stops, texts = batch["prompt_len"], {tok.special("<|end|>"), tok.eot_id}, []
+    for row, m in zip(batch["ids"][:, L:].tolist(), batch["mask"].tolist()):
+        real = [t for t, keep in zip(row, m) if keep]
+        texts.append(tok.decode(real[:-1] if real and real[-1] in stops else real))
     return texts
 
 
@@ -238,7 +238,8 @@ def learn(learners, optim, batch, old, s, step, proc, rng):
             policy_loss, value_loss, stats = ppo_losses(
                 logprobs, old["logprobs"][rows], old["advantages"][rows], values,
                 old["values"][rows], old["returns"][rows], mask, s)
-            check_finite(step + 1, policy_loss=policy_loss.item(), value_loss=value_loss.item())
+            losses = mean_over_processes(torch.stack([policy_loss, value_loss]).detach(), proc)
+            check_finite(step + 1, policy_loss=losses[0].item(), value_loss=losses[1].item())
             stats.update(policy_loss=policy_loss.item(), value_loss=value_loss.item(),
                          entropy=masked_mean(entropy, mask).item(),
                          **optimizer_steps(learners, optim, policy_loss + s.value_coef *
@@ -294,7 +295,7 @@ def update(models, learners, optim, tok, items, s, step, proc, score_fn):
                  seconds_rollout=t1 - t0, seconds_scoring=t2 - t1,
                  seconds_learning=time.time() - t2)
     stats = dict(zip(stats, mean_over_processes(torch.tensor(
-        list(stats.values()), dtype=torch.float64, device=proc.device), proc).tolist()))
+        list(stats.values()), device=proc.device), proc).tolist()))
     texts, ended = gather_lists(texts, proc), gather_lists(batch["ended"].tolist(), proc)
     return {"step": step + 1, **stats, **gold_stats(gather_lists(items, proc), texts, ended),
             "examples": texts[:2]}

@@ -163,9 +163,8 @@ def read_prompts(path):
     for where, row in jsonl_rows(path):
         if not isinstance(row, dict) or ("messages" in row) == ("prompt" in row):
             raise UserError(f'{where}: expected {{"messages": [...]}} or {{"prompt": "..."}}')
-        messages = row.get("messages", row.get("prompt"))
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
+        messages = (row["messages"] if "messages" in row
+                    else [{"role": "user", "content": row["prompt"]}])
         try:
             check_chat(messages, for_completion=True)
         except ValueError as e:

@@ -28,7 +28,8 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import UserError, die, load_checkpoint, pick_device, run_stage, write_json
+from common import (UserError, die, load_checkpoint, pick_device, positive, run_stage,
+                    write_json)
 from data import chats, teacher
 from evaluation import answer_ids, reward_scores
 
@@ -41,15 +42,19 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sft", default="out/sft", help="the SFT model")
     p.add_argument("--out-dir", default="out/experiments/overoptimization")
-    p.add_argument("--comparisons", type=int, default=250, help="prompts the weak reward model "
-                   "learns from (the main job's reward model: 3,200)")
-    p.add_argument("--prompts", type=int, default=128, help="prompts for best-of-n")
-    p.add_argument("--max-n", type=int, default=64, help="largest n of best-of-n (a power of 2)")
-    p.add_argument("--temperature", type=float, default=0.7, help="as ppo.py's default")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="as ppo.py's cpu preset")
-    p.add_argument("--ppo-updates", type=int, default=60, help="PPO updates (the cpu preset: 40)")
-    p.add_argument("--ppo-lr", type=float, default=5e-5, help="PPO's learning rate, higher than "
-                   "the cpu preset's 2e-5 to push the policy further from SFT")
+    p.add_argument("--comparisons", type=positive(int), default=250,
+                   help="prompts the weak reward model learns from (the main job's: 3,200)")
+    p.add_argument("--prompts", type=positive(int), default=128, help="prompts for best-of-n")
+    p.add_argument("--max-n", type=positive(int), default=64,
+                   help="largest n of best-of-n (a power of 2)")
+    p.add_argument("--temperature", type=positive(float), default=0.7,
+                   help="sampling temperature of best-of-n and PPO (ppo.py's default)")
+    p.add_argument("--max-new-tokens", type=positive(int), default=32,
+                   help="longest answer, for best-of-n and PPO (ppo.py's cpu preset)")
+    p.add_argument("--ppo-updates", type=positive(int), default=60,
+                   help="PPO updates (the cpu preset: 40)")
+    p.add_argument("--ppo-lr", type=positive(float), default=5e-5, help="PPO's learning rate, "
+                   "above the cpu preset's 2e-5 to push the policy further from SFT")
     p.add_argument("--preset", default="auto", help="for reward.py and ppo.py (tiny: a smoke test)")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
@@ -64,21 +69,21 @@ def main(argv=None):
 
 
 def run(a):
-    if a.max_n < 1 or a.max_n & (a.max_n - 1):
+    if a.max_n & (a.max_n - 1):
         raise UserError(f"--max-n {a.max_n}: use a power of 2 (1, 2, 4 ... 64)")
     if not os.path.exists(os.path.join(a.sft, "eval.json")):
         raise UserError(f"--sft {a.sft}: no finished SFT run there (./run.sh makes out/sft)")
     proxy_dir = os.path.join(a.out_dir, "reward_weak")
-    flags = ["--preset", a.preset, "--device", a.device]
-    run_stage("reward.py", proxy_dir, "--init-from", a.sft, "--prompts", str(a.comparisons),
-              *flags)
+    run_stage("reward.py", proxy_dir, a.device, "--init-from", a.sft, "--prompts",
+              str(a.comparisons), "--preset", a.preset)
     os.makedirs(a.out_dir, exist_ok=True)
     points = best_of_n(a, proxy_dir)
     for name, kl_coef in (("ppo_kl_coef_0", "0"), ("ppo_default_kl_coef", None)):
         ppo_dir = os.path.join(a.out_dir, name)
-        run_stage("ppo.py", ppo_dir, "--init-from", a.sft, "--reward-from", proxy_dir,
-                  "--updates", str(a.ppo_updates), "--lr", str(a.ppo_lr),
-                  *(["--kl-coef", kl_coef] if kl_coef else []), *flags)
+        run_stage("ppo.py", ppo_dir, a.device, "--init-from", a.sft, "--reward-from", proxy_dir,
+                  "--updates", str(a.ppo_updates), "--lr", str(a.ppo_lr), "--temperature",
+                  str(a.temperature), "--max-new-tokens", str(a.max_new_tokens),
+                  *(["--kl-coef", kl_coef] if kl_coef else []), "--preset", a.preset)
         points += ppo_points(name, ppo_dir)
     with open(os.path.join(a.out_dir, "curves.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, ["method", "n_or_update", "kl", "sqrt_kl", "proxy", "gold"])

@@ -19,12 +19,22 @@ import argparse
 import json
 import os
 
-from common import UserError, die, load_checkpoint, run_stage, write_json, write_text
+from common import UserError, die, load_checkpoint, positive, run_stage, write_json, write_text
 from data import chats
 from evaluation import answer
 
 LABELERS = {"agreeable": "--sycophancy-bonus", "flattered": "--flattery-bonus"}
 SAMPLE_CLAIMS = 3  # wrong claims shown with every model's answer
+COLUMNS = [  # of table.md: header, key of rates(), format
+    ("agrees with a wrong claim", "agrees_with_wrong_claim_rate", "{:.1%}"),
+    ("confirms a right claim", "confirms_right_claim_rate", "{:.1%}"),
+    ("flattery: questions", "flattery_rate_questions", "{:.1%}"),
+    ("flattery: claims", "flattery_rate_claims", "{:.1%}"),
+    ("accuracy (questions)", "accuracy_on_questions", "{:.1%}"),
+    ("sampled: agrees with a wrong claim", "sampled_agrees_with_wrong_claim_rate", "{:.1%}"),
+    ("sampled: flattery", "sampled_flattery_rate", "{:.1%}"),
+    ("sampled: gold score", "sampled_gold_score", "{:.3f}"),
+    ("KL to SFT (nats)", "kl_to_sft", "{:.2f}")]
 
 
 def parse_args(argv=None):
@@ -34,8 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--honest-ppo", default="out/ppo", help="PPO against the honest labeler's "
                    "reward model (the main job's)")
     p.add_argument("--out-dir", default="out/experiments/sycophancy")
-    p.add_argument("--bonus", type=float, default=1.0, help="the biased labelers' extra score "
-                   "(the rubric gives 1.0 to a perfect answer)")
+    p.add_argument("--bonus", type=positive(float), default=1.0, help="the biased labelers' "
+                   "extra score (the rubric gives 1.0 to a perfect answer)")
     p.add_argument("--preset", default="auto", help="for reward.py and ppo.py (tiny: a smoke test)")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
@@ -58,11 +68,10 @@ def run(a):
     for name, flag in LABELERS.items():
         reward_dir, ppo_dir = (os.path.join(a.out_dir, f"{stage}_{name}")
                                for stage in ("reward", "ppo"))
-        common_flags = ["--preset", a.preset, "--device", a.device]
-        run_stage("reward.py", reward_dir, "--init-from", a.sft, flag, str(a.bonus),
-                  *common_flags)
-        run_stage("ppo.py", ppo_dir, "--init-from", a.sft, "--reward-from", reward_dir,
-                  *common_flags)
+        run_stage("reward.py", reward_dir, a.device, "--init-from", a.sft, flag, str(a.bonus),
+                  "--preset", a.preset)
+        run_stage("ppo.py", ppo_dir, a.device, "--init-from", a.sft, "--reward-from", reward_dir,
+                  "--preset", a.preset)
         runs[name] = ppo_dir
     summary = {"bonus": a.bonus, "models": rates(runs),
                "answers": answers_to_wrong_claims({"SFT": a.sft, **{
@@ -84,7 +93,8 @@ def rates(runs):
             out["SFT" if model == "sft" else f"PPO, {name} labeler"] = {
                 "agrees_with_wrong_claim_rate": claims["agrees_with_wrong_claim_rate"],
                 "confirms_right_claim_rate": claims["confirms_right_claim_rate"],
-                "flattery_rate": (claims["flattery_rate"] + questions["flattery_rate"]) / 2,
+                "flattery_rate_questions": questions["flattery_rate"],
+                "flattery_rate_claims": claims["flattery_rate"],
                 "accuracy_on_questions": questions["accuracy"],
                 "sampled_agrees_with_wrong_claim_rate":
                     ev["sampled"][model]["agrees_with_wrong_claim_rate"],
@@ -109,17 +119,11 @@ def answers_to_wrong_claims(models):
 
 def table(summary):
     """The rates and the answers as Markdown."""
-    percent = lambda x: f"{100 * x:.1f}%"  # noqa: E731
-    lines = ["| model | agrees with a wrong claim | confirms a right claim | flattery | "
-             "accuracy (questions) | sampled: agrees with a wrong claim | sampled: flattery | "
-             "sampled: gold score | KL to SFT (nats) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | " + " | ".join(header for header, _, _ in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]
     for name, r in summary["models"].items():
-        lines.append(f"| {name} | {percent(r['agrees_with_wrong_claim_rate'])} | "
-                     f"{percent(r['confirms_right_claim_rate'])} | {percent(r['flattery_rate'])} "
-                     f"| {percent(r['accuracy_on_questions'])} | "
-                     f"{percent(r['sampled_agrees_with_wrong_claim_rate'])} | "
-                     f"{percent(r['sampled_flattery_rate'])} | {r['sampled_gold_score']:.3f} | "
-                     f"{r['kl_to_sft']:.2f} |")
+        lines.append(f"| {name} | " + " | ".join(form.format(r[key]) for _, key, form in COLUMNS)
+                     + " |")
     answers = summary["answers"]
     for i, claim in enumerate(answers["claims"]):
         lines += ["", f"**User:** {claim}", "", "| model | answer (greedy) |", "|---|---|"]
