@@ -145,13 +145,14 @@ def test_the_command_line_trains_saves_a_policy_and_compares_it_with_sft(tiny_sf
 
 
 def test_resume_continues_the_same_run(tiny_sft, tiny_reward, tmp_path):
-    """Two updates, a stop, --resume for two more: the same log as four updates in one go."""
+    """Two updates, a stop, --resume for two more: the same log as four updates in one go (of
+    a run of 5, so that neither evaluates)."""
     args = ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-from",
-            tiny_reward, "--updates", "4", "--save-every", "1"]
-    ppo.main(args + ["--out-dir", str(tmp_path / "a")])
+            tiny_reward, "--updates", "5", "--save-every", "1"]
+    ppo.main(args + ["--out-dir", str(tmp_path / "a"), "--stop-at", "4"])
     ppo.main(args + ["--out-dir", str(tmp_path / "b"), "--stop-at", "2"])
     assert not (tmp_path / "b" / "eval.json").exists()
-    ppo.main(["--resume", "--device", "cpu", "--out-dir", str(tmp_path / "b")])
+    ppo.main(["--resume", "--device", "cpu", "--out-dir", str(tmp_path / "b"), "--stop-at", "4"])
     logs = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in "ab"]
     assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
     for one, two in zip(*logs):
@@ -200,7 +201,7 @@ def test_two_processes_stay_in_step_and_share_their_statistics(tiny_sft, tmp_pat
     assert ranks[0]["lines"] == ranks[1]["lines"]
     first = ranks[0]["lines"][0]
     assert first["kl"] == pytest.approx(0.0, abs=1e-4)  # means, not sums, over the processes:
-    assert 0.9 < first["ratio"] < 1.1 and 0 <= first["clip_fraction"] <= 1
+    assert 0.5 < first["ratio"] < 1.8 and 0 <= first["clip_fraction"] <= 1  # (a sum: ~2.4)
     together = ppo.whiten(torch.arange(12.0).reshape(2, 6), torch.ones(2, 6))
     torch.testing.assert_close(torch.tensor(ranks[0]["whitened"] + ranks[1]["whitened"]),
                                together)
@@ -210,10 +211,9 @@ def test_torchrun_runs_the_command_line_in_two_processes(tiny_sft, tiny_reward, 
     from tests.conftest import torchrun
     out = tmp_path / "ppo"
     torchrun("ppo.py", ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft,
-                        "--reward-from", tiny_reward, "--out-dir", str(out), "--updates", "2",
-                        "--rollout-batch", "8", "--minibatch", "4"])
+                        "--reward-from", tiny_reward, "--out-dir", str(out), "--updates", "3",
+                        "--rollout-batch", "8", "--minibatch", "4", "--stop-at", "2"])
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2]
-    assert json.loads((out / "eval.json").read_text())["updates"] == 2
     _, _, ckpt = load_checkpoint(str(out), ["ppo"])
     assert ckpt["step"] == 2
 
