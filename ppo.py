@@ -1,7 +1,7 @@
 """Stage 4: PPO moves the instruct model toward answers the reward model scores high (RLHF, half 2).
 
     python ppo.py                       # out/sft + out/reward -> out/ppo
-    python ppo.py --preset tiny --init-from out/tiny/sft --reward-from out/tiny/reward
+    python ppo.py --preset tiny --init-from out/tiny/sft --reward-model out/tiny/reward
     python ppo.py --prompts-file my_prompts.jsonl  # your prompts instead of the bundled pool
     torchrun --standalone --nproc_per_node=8 ppo.py --preset gpu   # each process: a share of
                                   # every rollout; whitening, gradients and logs over them all
@@ -44,7 +44,8 @@ class Settings:
     """A PPO run. Defaults: the N+ recipe scaled to this model (the source of each value is in its
     help); PRESETS change a few for each machine."""
     init_from: str = setting("out/sft", "the SFT checkpoint: the policy and the reference")
-    reward_from: str = setting("out/reward", "the reward model checkpoint (also starts the critic)")
+    reward_model: str = setting("out/reward", "the reward model's checkpoint (it also starts the "
+                                              "critic)")
     prompts_file: str = setting("", "your own prompts: a JSONL file of {\"messages\": [...]} or "
                                     "{\"prompt\": \"...\"} (default: the bundled PPO pool)")
     updates: int = setting(40, "PPO updates (each: one rollout batch, then ppo_epochs of learning)")
@@ -358,12 +359,12 @@ def load_models(a, proc):
         s = resolve_settings(Settings, PRESETS, a, proc.device)
         check_out_dir(a.out_dir, resume=False, source=s.init_from)
     sft, sft_tok, _ = load_checkpoint(s.init_from, ["sft", "ppo"], proc.device, "--init-from")
-    reward_model, reward_tok, reward_ckpt = load_checkpoint(s.reward_from, ["reward"], proc.device,
-                                                            "--reward-from")
+    reward_model, reward_tok, reward_ckpt = load_checkpoint(s.reward_model, ["reward"], proc.device,
+                                                            "--reward-model")
     if ckpt is None:
         policy, tok = copy.deepcopy(sft), sft_tok
     if len({tok.checksum, sft_tok.checksum, reward_tok.checksum}) > 1:
-        raise UserError(f"--init-from {s.init_from}, --reward-from {s.reward_from} and the run "
+        raise UserError(f"--init-from {s.init_from}, --reward-model {s.reward_model} and the run "
                         "use different tokenizers")
     critic = copy.deepcopy(reward_model)  # the value head starts from the reward head ...
     if ckpt is not None:

@@ -23,7 +23,7 @@ python -m data.prepare
 stage pretrain.py $OUT/base
 stage sft.py $OUT/sft --init-from $OUT/base
 stage reward.py $OUT/reward --init-from $OUT/sft
-stage ppo.py $OUT/ppo --init-from $OUT/sft --reward-from $OUT/reward
+stage ppo.py $OUT/ppo --init-from $OUT/sft --reward-model $OUT/reward
 
 show() { printf '\n$ python sample.py'; printf ' %q' "$@"; echo; python sample.py "$@"; }
 show --ckpt $OUT/base --prompt $'Q: What is the capital of Japan?\nA: Tokyo\n\nQ: What is the capital of Kenya?\nA: Nairobi\n\nQ: What is the chemical symbol for gold?\nA: Au\n\nQ: What is the capital of France?\nA:' --max-new-tokens 6 --temperature 0

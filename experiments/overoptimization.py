@@ -80,7 +80,7 @@ def run(a):
     points = best_of_n(a, proxy_dir)
     for name, kl_coef in (("ppo_kl_coef_0", "0"), ("ppo_default_kl_coef", None)):
         ppo_dir = os.path.join(a.out_dir, name)
-        run_stage("ppo.py", ppo_dir, a.device, "--init-from", a.sft, "--reward-from", proxy_dir,
+        run_stage("ppo.py", ppo_dir, a.device, "--init-from", a.sft, "--reward-model", proxy_dir,
                   "--updates", str(a.ppo_updates), "--lr", str(a.ppo_lr), "--temperature",
                   str(a.temperature), "--max-new-tokens", str(a.max_new_tokens),
                   *(["--kl-coef", kl_coef] if kl_coef else []), "--preset", a.preset)

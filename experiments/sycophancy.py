@@ -70,7 +70,7 @@ def run(a):
                                for stage in ("reward", "ppo"))
         run_stage("reward.py", reward_dir, a.device, "--init-from", a.sft, flag, str(a.bonus),
                   "--preset", a.preset)
-        run_stage("ppo.py", ppo_dir, a.device, "--init-from", a.sft, "--reward-from", reward_dir,
+        run_stage("ppo.py", ppo_dir, a.device, "--init-from", a.sft, "--reward-model", reward_dir,
                   "--preset", a.preset)
         runs[name] = ppo_dir
     summary = {"bonus": a.bonus, "models": rates(runs),

@@ -128,7 +128,7 @@ def test_the_command_line_trains_saves_a_policy_and_compares_it_with_sft(tiny_sf
                                                                           tmp_path):
     import sample
     out = tmp_path / "ppo"
-    ppo.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-from",
+    ppo.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-model",
               tiny_reward, "--out-dir", str(out), "--updates", "2"])
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2]
@@ -147,7 +147,7 @@ def test_the_command_line_trains_saves_a_policy_and_compares_it_with_sft(tiny_sf
 def test_resume_continues_the_same_run(tiny_sft, tiny_reward, tmp_path):
     """Two updates, a stop, --resume for two more: the same log as four updates in one go (of
     a run of 5, so that neither evaluates)."""
-    args = ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-from",
+    args = ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-model",
             tiny_reward, "--updates", "5", "--save-every", "1"]
     ppo.main(args + ["--out-dir", str(tmp_path / "a"), "--stop-at", "4"])
     ppo.main(args + ["--out-dir", str(tmp_path / "b"), "--stop-at", "2"])
@@ -211,7 +211,7 @@ def test_torchrun_runs_the_command_line_in_two_processes(tiny_sft, tiny_reward, 
     from tests.conftest import torchrun
     out = tmp_path / "ppo"
     torchrun("ppo.py", ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft,
-                        "--reward-from", tiny_reward, "--out-dir", str(out), "--updates", "3",
+                        "--reward-model", tiny_reward, "--out-dir", str(out), "--updates", "3",
                         "--rollout-batch", "8", "--minibatch", "4", "--stop-at", "2"])
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2]
     _, _, ckpt = load_checkpoint(str(out), ["ppo"])
@@ -219,12 +219,12 @@ def test_torchrun_runs_the_command_line_in_two_processes(tiny_sft, tiny_reward, 
 
 
 def test_bad_input_gets_one_line_naming_it(tiny_base, tiny_sft, tiny_reward, tmp_path, capsys):
-    args = ["--preset", "tiny", "--device", "cpu", "--reward-from", tiny_reward]
+    args = ["--preset", "tiny", "--device", "cpu", "--reward-model", tiny_reward]
     for extra, message in (
             (["--init-from", tiny_base], "is a 'base' checkpoint; expected sft or ppo"),
             (["--init-from", tiny_sft, "--max-new-tokens", "100000"],
              "+ --max-new-tokens 100000 exceeds the policy's context"),
-            (["--init-from", tiny_sft, "--reward-from", tiny_sft],
+            (["--init-from", tiny_sft, "--reward-model", tiny_sft],
              "is a 'sft' checkpoint; expected reward")):
         with pytest.raises(SystemExit) as stopped:
             ppo.main(args + extra + ["--out-dir", str(tmp_path / "out")])
@@ -244,7 +244,7 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_sft, tiny_r
     monkeypatch.setattr(ppo, "scores_of", nan_at_the_third_update)
     out = tmp_path / "ppo"
     with pytest.raises(SystemExit) as stopped:
-        ppo.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-from",
+        ppo.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-model",
                   tiny_reward, "--out-dir", str(out), "--save-every", "1"])
     assert stopped.value.code == 1
     assert "policy loss is nan at step 3" in capsys.readouterr().err
@@ -255,7 +255,7 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_sft, tiny_r
 def test_a_prompts_file_trains_and_its_bad_rows_are_named(tiny_sft, tiny_reward, tmp_path,
                                                           capsys):
     path = tmp_path / "prompts.jsonl"
-    args = ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-from",
+    args = ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-model",
             tiny_reward, "--prompts-file", str(path), "--updates", "2", "--stop-at", "1"]
     path.write_text('{"prompt": "Write me a poem about rain"}\n')  # nothing the teacher judges
     ppo.main(args + ["--out-dir", str(tmp_path / "unjudged")])
