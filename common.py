@@ -530,12 +530,14 @@ def atomic_write(path, write):
 
 def save_checkpoint(out_dir, stage, model, tokenizer, **state):
     """Write out_dir/ckpt.pt: stage, kind of head, model config + weights, tokenizer checksum,
-    training state. out_dir/tokenizer.json is written once, when the run starts (see
+    base_id (the pretraining run the model descends from: models used together in one stage must
+    share it), training state. out_dir/tokenizer.json is written once, when the run starts (see
     prepare_out_dir)."""
     def write(tmp):
         with open(tmp, "wb") as f:  # a Python file, so that a full disk raises an OSError
             torch.save(dict(stage=stage, head=model.head, model_config=vars(model.config),
                             model=model.state_dict(), tokenizer_checksum=tokenizer.checksum,
+                            base_id=getattr(model, "base_id", None),
                             resume_format=RESUME_FORMAT, **state), f)
     atomic_write(os.path.join(out_dir, CKPT_FILE), write)
 
@@ -627,6 +629,7 @@ def load_checkpoint(ckpt_dir, stages=None, device="cpu", flag="--ckpt"):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path}: weights do not fit the model config it records ({first})") from e
+    model.base_id = ckpt.get("base_id")  # see save_checkpoint
     return model.to(device), tokenizer, ckpt
 
 

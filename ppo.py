@@ -2,9 +2,7 @@
 
     python ppo.py                       # out/sft + out/reward -> out/ppo
     python ppo.py --preset tiny --init-from out/tiny/sft --reward-model out/tiny/reward
-    python ppo.py --prompts-file my_prompts.jsonl  # your prompts instead of the bundled pool
-    torchrun --standalone --nproc_per_node=8 ppo.py --preset gpu   # each process: a share of
-                                  # every rollout; whitening, gradients and logs over them all
+    torchrun --standalone --nproc_per_node=8 ppo.py --preset gpu  # a share of each rollout each
 
 Four networks:
   policy     the model being trained, initialised from the SFT model;
@@ -76,8 +74,7 @@ class Settings:
 PRESETS = {
     "tiny": dict(updates=4, rollout_batch=16, minibatch=8, ppo_epochs=2, max_new_tokens=16,
                  lr=1e-4),
-    "cpu": dict(ppo_epochs=2, lr=2e-5),  # learning is 3/4 of the time: half the passes, twice the
-                                         # step size, to keep reward + PPO under 10 minutes
+    "cpu": dict(ppo_epochs=2, lr=2e-5),  # half the passes, twice the step: learning was 3/4
     "gpu": dict(updates=200, rollout_batch=256, minibatch=64, max_new_tokens=48, lr=3e-6),
 }
 
@@ -366,6 +363,9 @@ def load_models(a, proc):
     if len({tok.checksum, sft_tok.checksum, reward_tok.checksum}) > 1:
         raise UserError(f"--init-from {s.init_from}, --reward-model {s.reward_model} and the run "
                         "use different tokenizers")
+    if None not in (sft.base_id, reward_model.base_id) and sft.base_id != reward_model.base_id:
+        raise UserError(f"--reward-model {s.reward_model} descends from another base model than "
+                        f"--init-from {s.init_from} (train it from that SFT model: reward.py)")
     critic = copy.deepcopy(reward_model)  # the value head starts from the reward head ...
     if ckpt is not None:
         critic.load_state_dict(ckpt["critic"])  # ... or where the run left it

@@ -162,7 +162,9 @@ def new_model(a, s, tok, folder, meta, device):
             raise UserError(f"model shape: {e} (--n-embd, --n-head, --n-kv-head, "
                             "--block-size)") from None
         torch.manual_seed(s.seed)
-        return GPT(config).to(device)
+        model = GPT(config).to(device)
+        model.base_id = os.urandom(8).hex()  # a new base: its descendants carry this id
+        return model
     model, model_tok, _ = load_checkpoint(a.init_from, ["base"], device, "--init-from")
     for k in MODEL_FIELDS:
         if k in a.given and a.given[k] != getattr(model.config, k):

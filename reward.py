@@ -237,6 +237,7 @@ def run(a, proc):
     if ckpt is None:
         torch.manual_seed(s.seed)  # the scalar head's initial weights
         model, tok = ScalarHeadGPT.from_language_model(policy), tok_of_policy
+        model.base_id = policy.base_id
     elif tok_of_policy.checksum != tok.checksum:
         raise UserError(f"--init-from {s.init_from}: not the model this run started from")
     check_settings(a, s, tok, model.config.block_size)

@@ -219,8 +219,17 @@ def test_torchrun_runs_the_command_line_in_two_processes(tiny_sft, tiny_reward, 
 
 
 def test_bad_input_gets_one_line_naming_it(tiny_base, tiny_sft, tiny_reward, tmp_path, capsys):
+    import shutil
+    ids = {load_checkpoint(d)[0].base_id for d in (tiny_base, tiny_sft, tiny_reward)}
+    assert len(ids) == 1 and None not in ids  # the base model's id, carried by its descendants
+    other = tmp_path / "other_reward"  # the same reward model, said to descend from another base
+    shutil.copytree(tiny_reward, other)
+    ckpt = torch.load(other / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "base_id": "another"}, other / "ckpt.pt")
     args = ["--preset", "tiny", "--device", "cpu", "--reward-model", tiny_reward]
     for extra, message in (
+            (["--init-from", tiny_sft, "--reward-model", str(other)],
+             "descends from another base model than --init-from"),
             (["--init-from", tiny_base], "is a 'base' checkpoint; expected sft or ppo"),
             (["--init-from", tiny_sft, "--max-new-tokens", "100000"],
              "+ --max-new-tokens 100000 exceeds the policy's context"),
