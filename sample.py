@@ -14,7 +14,9 @@ rendered in the chat format, and the output is the assistant's answer, which end
         --prompt "What is the capital of France?"
 
 With --compare, every checkpoint gets the same request: instruct models as chat, base models as
-plain text (the system prompt, if any, on a line before the question). Output streams token by
+plain text (the system prompt, if any, on a line before the question). --format chat or text
+puts the request to every checkpoint in that form instead: a base model as chat (the role tokens
+it never saw in pretraining), an instruct model as raw text. Output streams token by
 token. Sampling uses the KV cache; --seed makes it repeatable; --temperature 0 is greedy.
 """
 import argparse
@@ -41,6 +43,9 @@ def parse_args(argv=None):
     src.add_argument("--interactive", action="store_true",
                      help="read prompts line by line (a chat model keeps the conversation)")
     p.add_argument("--system", help="system prompt (chat models; base models see it as text)")
+    p.add_argument("--format", choices=["auto", "chat", "text"], default="auto",
+                   help="how the prompt is given: auto (chat for sft/ppo checkpoints, text for "
+                        "base ones), or the one form for every checkpoint")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--num-samples", type=int, default=1, help="continuations of the same prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -90,7 +95,7 @@ class Sampler:
                             "ppo checkpoint")
         self.model.eval()
         self.stage = ckpt["stage"]
-        self.chat = self.stage != "base"  # SFT and PPO policies are chat models
+        self.chat = a.format == "chat" or (a.format == "auto" and self.stage != "base")
         self.history = []  # chat turns so far (interactive chat)
 
     def prompt_ids(self, text):
@@ -182,7 +187,12 @@ def main(argv=None):
                 try:
                     line = input("you> " if s.chat else "> ")
                 except EOFError:
+                    print()  # end the prompt's line
                     break
+                if s.chat and not sys.stdin.isatty():
+                    print(line)  # piped: show the message, so the answer does not follow "you> "
+                elif not s.chat:
+                    line += "\n"  # what was typed: a base model continues on the next line
                 try:
                     if line.strip():
                         s.run(line)

@@ -163,3 +163,31 @@ def test_a_full_context_is_mentioned_only_when_it_cuts_an_answer(ckpt, capsys):
     err = run(capsys, "--ckpt", ckpt, "--prompt", "The capital of Peru is", "--max-new-tokens",
               "5", "--device", "cpu", "--seed", "0").err
     assert "context is full" not in err  # room enough: no note
+
+
+def test_interactive_gives_a_base_model_the_newline_that_was_typed(ckpt, monkeypatch):
+    import io
+    seen = []
+    monkeypatch.setattr(sample.Sampler, "run", lambda self, text, out=None: seen.append(text))
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
+    sample.main(["--ckpt", ckpt, "--interactive", "--device", "cpu"])
+    assert seen == ["What is the capital of France?\n"]  # not the end of a document
+
+
+def test_piped_chat_shows_each_message_before_its_answer(tiny_sft, capsys, monkeypatch):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of Japan?\n"))
+    out = run(capsys, "--ckpt", tiny_sft, "--interactive", "--max-new-tokens", "4",
+              "--temperature", "0", "--device", "cpu").out
+    assert out.startswith("you> What is the capital of Japan?\n") and out.endswith("you> \n")
+
+
+def test_format_puts_each_checkpoint_in_the_form_asked(ckpt, tiny_sft, capsys):
+    args = ["--compare", ckpt, tiny_sft, "--prompt", "What is the capital of Peru?",
+            "--max-new-tokens", "4", "--temperature", "0", "--device", "cpu"]
+    chat = run(capsys, *args, "--format", "chat").out
+    assert f"=== {ckpt} (base model, prompted as chat) ===" in chat
+    assert "What is the capital of Peru?" not in chat  # a chat answer does not echo the request
+    text = run(capsys, *args, "--format", "text").out
+    assert f"=== {tiny_sft} (sft model, prompted as plain text) ===" in text
+    assert text.count("What is the capital of Peru?") == 2  # each continues the text it was given
