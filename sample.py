@@ -21,9 +21,12 @@ token. Sampling uses the KV cache; --seed makes it repeatable; --temperature 0 i
 """
 import argparse
 import codecs
+import json
 import math
 import os
 import sys
+
+import torch
 
 from common import UserError, autocast, die, load_checkpoint, pick_device, pick_dtype, seed_arg
 from evaluation import answer_ids, reward_scores
@@ -52,6 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=seed_arg, default=None, help="repeatable sampling")
+    p.add_argument("--next-tokens", type=int, default=0, metavar="K", help="after each answer, "
+                   "show the K likeliest next tokens with their probabilities (the model's own "
+                   "softmax, temperature 1) at its first position")
+    p.add_argument("--next-tokens-steps", type=int, default=1, metavar="N",
+                   help="... at each of the answer's first N positions")
     p.add_argument("--score-with", metavar="DIR", help="a reward checkpoint (reward.py): print "
                    "its score of every answer, relative to the SFT model's mean (0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -159,6 +167,8 @@ class Sampler:
                       file=sys.stderr)
             elif self.chat and not ended:
                 print("[no end of turn: the answer was cut at --max-new-tokens]", file=sys.stderr)
+            if a.next_tokens:
+                self.show_next_tokens(ids, reply, out)
             if self.scorer:
                 system = [{"role": "system", "content": a.system}] if a.system else []
                 request = system + (self.history if self.chat else []) + [
@@ -170,11 +180,35 @@ class Sampler:
                              {"role": "assistant", "content": tok.decode(reply).strip() or "..."}]
 
 
+    def show_next_tokens(self, ids, reply, out):
+        """One line per position of the answer (the first --next-tokens-steps): the likeliest next
+        tokens there and their probabilities, and the token that was generated."""
+        for step in range(min(self.a.next_tokens_steps, len(reply) + 1)):
+            with autocast(self.device, self.dtype):
+                top = next_tokens(self.model, ids + reply[:step], self.a.next_tokens)
+            shown = ", ".join(f"{json.dumps(self.tok.decode([t]))} {p:.3f}" for t, p in top)
+            then = (f"; generated {json.dumps(self.tok.decode([reply[step]]))}"
+                    if step < len(reply) else "")
+            print(f"[next token {step + 1}: {shown}{then}]", file=out, flush=True)
+
+
+@torch.no_grad()
+def next_tokens(model, ids, k):
+    """The k likeliest tokens to follow `ids`, with their probabilities under the model's own
+    softmax (temperature 1): [(token id, probability)], likeliest first."""
+    logits, _ = model(torch.tensor([ids], device=model.embed_tokens.weight.device))
+    probs = logits[0, -1].float().softmax(-1)
+    top = probs.topk(min(k, probs.numel()))
+    return list(zip(top.indices.tolist(), top.values.tolist()))
+
+
 def main(argv=None):
     a = parse_args(argv)
     try:
         if a.max_new_tokens < 1 or a.num_samples < 1 or (a.top_k is not None and a.top_k < 1):
             raise UserError("--max-new-tokens, --num-samples and --top-k must be at least 1")
+        if a.next_tokens < 0 or a.next_tokens_steps < 1:
+            raise UserError("--next-tokens must be at least 0 and --next-tokens-steps at least 1")
         if not 0 <= a.temperature < math.inf or (a.top_p is not None and not 0 < a.top_p <= 1):
             raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
         if a.interactive and a.compare:

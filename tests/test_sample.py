@@ -191,3 +191,24 @@ def test_format_puts_each_checkpoint_in_the_form_asked(ckpt, tiny_sft, capsys):
     text = run(capsys, *args, "--format", "text").out
     assert f"=== {tiny_sft} (sft model, prompted as plain text) ===" in text
     assert text.count("What is the capital of Peru?") == 2  # each continues the text it was given
+
+
+def test_next_tokens_are_the_models_softmax_and_greedy_takes_the_first(ckpt, capsys):
+    import json
+    import torch
+    from common import load_checkpoint
+    model, tok, _ = load_checkpoint(ckpt)
+    ids = [tok.eot_id] + tok.encode("What is the capital of France?\n")
+    top = sample.next_tokens(model.eval(), ids, 5)
+    probs = model(torch.tensor([ids]))[0][0, -1].softmax(-1).topk(5)
+    assert [t for t, _ in top] == probs.indices.tolist()
+    assert [p for _, p in top] == pytest.approx(probs.values.tolist(), abs=1e-6)
+    assert sum(p for _, p in top) <= 1 + 1e-6
+    out = run(capsys, "--ckpt", ckpt, "--prompt", "What is the capital of France?\n",
+              "--temperature", "0", "--max-new-tokens", "3", "--next-tokens", "4",
+              "--next-tokens-steps", "2", "--device", "cpu").out
+    lines = [line for line in out.splitlines() if line.startswith("[next token ")]
+    assert [line[:14] for line in lines] == ["[next token 1:", "[next token 2:"]
+    for line in lines:  # greedy decoding generates the likeliest token
+        likeliest, _ = json.JSONDecoder().raw_decode(line.split(": ", 1)[1])
+        assert json.loads(line.rsplit("; generated ", 1)[1][:-1]) == likeliest
