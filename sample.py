@@ -60,6 +60,9 @@ def parse_args(argv=None):
                    "softmax, temperature 1) at its first position")
     p.add_argument("--next-tokens-steps", type=int, default=1, metavar="N",
                    help="... at each of the answer's first N positions")
+    p.add_argument("--loss-mask", nargs="?", const="", metavar="CHAT.json", help="show which "
+                   "tokens of a chat SFT trains on, in the checkpoint's tokenizer, and exit: a "
+                   "JSON file of {\"messages\": [...]} (default: a bundled training chat)")
     p.add_argument("--score-with", metavar="DIR", help="a reward checkpoint (reward.py): print "
                    "its score of every answer, relative to the SFT model's mean (0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -192,6 +195,37 @@ class Sampler:
             print(f"[next token {step + 1}: {shown}{then}]", file=out, flush=True)
 
 
+def masked_tokens(tok, messages):
+    """A chat token by token as SFT sees it: [(token text, trained)], trained = the loss mask of
+    render_chat (the assistant's words and its <|end|>: the tokens the loss is taken on)."""
+    ids, mask = tok.render_chat(messages)
+    return [(tok.decode([t]), bool(m)) for t, m in zip(ids, mask)]
+
+
+def show_loss_mask(a):
+    """Print --loss-mask's chat with its trained tokens in green (a terminal) or [brackets]."""
+    _, tok, _ = load_checkpoint(a.ckpt, device="cpu")
+    if a.loss_mask:
+        try:
+            with open(a.loss_mask) as f:
+                messages = json.load(f)["messages"]
+            tokens = masked_tokens(tok, messages)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--loss-mask {a.loss_mask}: expected a JSON file of "
+                            f'{{"messages": [...]}} ending with an assistant turn ({e})') from None
+    else:
+        tokens = masked_tokens(tok, chats.sft_records(n=1)[0]["messages"])
+    on, off = ("\033[42m", "\033[0m") if sys.stdout.isatty() else ("[", "]")
+    text, trained = "", False
+    for piece, mask in tokens + [("", False)]:
+        if mask != trained:
+            text, trained = text + (on if mask else off), mask
+        text += piece
+    print(text)
+    print(f"({sum(m for _, m in tokens)} of {len(tokens)} tokens trained; "
+          f"{'green' if on != '[' else 'in brackets'})")
+
+
 @torch.no_grad()
 def next_tokens(model, ids, k):
     """The k likeliest tokens to follow `ids`, with their probabilities under the model's own
@@ -213,6 +247,8 @@ def main(argv=None):
             raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
         if a.interactive and a.compare:
             raise UserError("--interactive talks to one checkpoint: use --ckpt, not --compare")
+        if a.loss_mask is not None:
+            return show_loss_mask(a)
         scorer = Scorer(a.score_with, pick_device(a.device)) if a.score_with else None
         samplers = [Sampler(d, a, scorer) for d in (a.compare or [a.ckpt])]
         if a.interactive:

@@ -212,3 +212,24 @@ def test_next_tokens_are_the_models_softmax_and_greedy_takes_the_first(ckpt, cap
     for line in lines:  # greedy decoding generates the likeliest token
         likeliest, _ = json.JSONDecoder().raw_decode(line.split(": ", 1)[1])
         assert json.loads(line.rsplit("; generated ", 1)[1][:-1]) == likeliest
+
+
+def test_the_loss_mask_view_marks_exactly_the_trained_tokens(tiny_sft, capsys, tmp_path):
+    import json
+    from common import load_checkpoint
+    _, tok, _ = load_checkpoint(tiny_sft)
+    messages = [{"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "Capital of Peru?"},
+                {"role": "assistant", "content": "Lima."}]
+    tokens = sample.masked_tokens(tok, messages)
+    ids, mask = tok.render_chat(messages)
+    assert [trained for _, trained in tokens] == [bool(m) for m in mask]
+    assert "".join(text for text, _ in tokens) == tok.decode(ids)
+    (tmp_path / "chat.json").write_text(json.dumps({"messages": messages}))
+    out = run(capsys, "--ckpt", tiny_sft, "--loss-mask", str(tmp_path / "chat.json")).out
+    assert "Capital of Peru?<|end|><|assistant|>[Lima.<|end|>]" in out  # (not a terminal)
+    assert out.count("[") == 1 and f"{sum(mask)} of {len(mask)} tokens trained" in out
+    (tmp_path / "chat.json").write_text(json.dumps({"messages": messages[:2]}))
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", tiny_sft, "--loss-mask", str(tmp_path / "chat.json")])
+    assert "ending with an assistant turn" in capsys.readouterr().err
