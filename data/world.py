@@ -1,7 +1,7 @@
 """The bundled world: real facts and real prose that the base model is pretrained on.
 
 Everything here is offline and deterministic. Three small fact tables (countries, chemical elements,
-US states; see data/facts/ATTRIBUTION.md) are turned into English documents of three kinds:
+US states; see data/facts/ATTRIBUTION.md) are turned into English documents of four kinds:
 
   * encyclopedic passages, one entity each, stating its facts in random order and in varied
     phrasing. A fact seen in only one wording is memorised as a string; seen in several wordings
@@ -9,6 +9,7 @@ US states; see data/facts/ATTRIBUTION.md) are turned into English documents of t
   * quiz sheets, forum posts and bare lists of questions WITHOUT answers. The web is full of them,
     and they are why a base model asked "What is the capital of Peru?" answers with more questions.
   * a few answer keys in "Q: ...\nA: ..." form, so that few-shot prompting of the base model works.
+  * a few Q&A pages with varied markers ("Question:/Answer:", "Student:/Teacher:", ...).
 
 Next to them sit Shakespeare's works (public domain, data/shakespeare/ATTRIBUTION.md) as real prose.
 
@@ -445,16 +446,17 @@ def _faq(rng, facts):
         "\n\n".join(lines)
 
 
-# Documents per pass over the tables, besides one passage per entity. With these numbers ~71% of
-# the world's bytes are passages, ~27% question documents (quiz, forum, bare list) and ~2% answer
-# keys: enough keys to teach the Q/A format, too few to make answering the default behaviour.
+# Documents per pass over the tables, besides one passage per entity. With these numbers (seed 0)
+# 68% of the world's bytes are passages, 26% question documents (quiz 11%, forum 8%, bare list
+# 7%), 4% Q&A pages and 2% answer keys: enough answers to teach the Q/A forms, too few to make
+# answering the default behaviour.
 _PER_COPY = {"quiz": 30, "forum": 25, "questions": 25, "answer_key": 6, "faq": 12}
 _MAKERS = {"quiz": _quiz_sheet, "forum": _forum_post, "questions": _question_list,
            "answer_key": _answer_key, "faq": _faq}
 
 
 def world_documents_typed(seed=0, copies=DEFAULT_COPIES):
-    """[(type, text)] with type in passage/quiz/forum/questions/answer_key, shuffled. Same seed ->
+    """[(type, text)] with type in passage/quiz/forum/questions/answer_key/faq, shuffled. Same seed ->
     same output byte for byte (only random.Random(seed) draws, tables in file order)."""
     rng = random.Random(seed)
     facts = load_facts()

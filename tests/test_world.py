@@ -77,6 +77,9 @@ def test_default_world_size_and_mix(typed_docs):
     assert 8e6 <= total <= 10e6
     assert size["passage"] > 0.6 * total
     assert 0 < size["answer_key"] < 0.05 * total
+    # the mix as data/world.py's comment on _PER_COPY states it
+    questions = size["quiz"] + size["forum"] + size["questions"]
+    assert 0.22 < questions / total < 0.30 and 0.02 < size["faq"] / total < 0.06
     assert world.world_documents(seed=0)[:5] == [t for _, t in typed_docs[:5]]
 
 
