@@ -182,7 +182,6 @@ class Sampler:
             self.history += [{"role": "user", "content": text},
                              {"role": "assistant", "content": tok.decode(reply).strip() or "..."}]
 
-
     def show_next_tokens(self, ids, reply, out):
         """One line per position of the answer (the first --next-tokens-steps): the likeliest next
         tokens there and their probabilities, and the token that was generated."""
