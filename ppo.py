@@ -300,10 +300,10 @@ def update(models, learners, optim, tok, items, s, step, proc, score_fn):
 
 
 def train(models, tok, s, proc=ONE_PROCESS, score_fn=None, offset=0.0, log=print, ckpt=None,
-          save=None, stop=None, compile_=False):
-    """PPO updates on the PPO prompt pool, from the start or from a checkpoint's state, up to
-    `stop` (default s.updates). save(step, optim): called every s.save_every updates and at the
-    end. Returns the log lines."""
+          save=None, stop=None, compile_=False, items=None):
+    """PPO updates on `items` (default: prompt_pool(s)), from the start or from a checkpoint's
+    state, up to `stop` (default s.updates). save(step, optim): called every s.save_every updates
+    and at the end. Returns the log lines."""
     policy, _, reward_model, critic = models
     score_fn = score_fn or (lambda tok, items, batch: scores_of(  # the reward model's, by default
         reward_model, tok, items, batch, offset, s.no_end_penalty))
@@ -318,7 +318,7 @@ def train(models, tok, s, proc=ONE_PROCESS, score_fn=None, offset=0.0, log=print
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         start = ckpt["step"]
-    items = prompt_pool(s)
+    items = items or prompt_pool(s)
     lines = []
     for step in range(start, stop or s.updates):
         for opt in opts:  # linear decay to 0 over the run (N+ details)
@@ -375,13 +375,12 @@ def load_models(a, proc):
     return (policy, reference, reward_model, critic), tok, s, ckpt, offset
 
 
-def check_shapes(s, proc, policy, tok):
+def check_shapes(s, proc, policy, tok, items):
     """The batch sizes split evenly over the processes; every prompt and answer fit the context."""
     for name, size in (("--rollout-batch", s.rollout_batch), ("--minibatch", s.minibatch)):
         if size % proc.world_size:
             raise UserError(f"{name} {size} must be a multiple of the {proc.world_size} processes")
-    longest = max(len(tok.render_chat(it["messages"], for_completion=True)[0])
-                  for it in prompt_pool(s))
+    longest = max(len(tok.render_chat(it["messages"], for_completion=True)[0]) for it in items)
     if longest + s.max_new_tokens > policy.config.block_size:
         raise UserError(f"a PPO prompt of {longest} tokens + --max-new-tokens {s.max_new_tokens} "
                         f"exceeds the policy's context of {policy.config.block_size} tokens")
@@ -390,7 +389,8 @@ def check_shapes(s, proc, policy, tok):
 def run(a, proc):
     models, tok, s, ckpt, offset = load_models(a, proc)
     policy, reference, _, critic = models
-    check_shapes(s, proc, policy, tok)
+    items = prompt_pool(s)  # read once: the shape checks and the run use the same
+    check_shapes(s, proc, policy, tok, items)
     prepare_out_dir(a.out_dir, tok, resume=a.resume, write=proc.master)
     log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"), proc.master,
                      resume_step=ckpt["step"] if ckpt is not None else None)
@@ -413,7 +413,7 @@ def run(a, proc):
         barrier(proc)
 
     train(models, tok, s, proc, offset=offset, log=show, ckpt=ckpt, save=save, stop=a.stop_at,
-          compile_=a.compile)
+          compile_=a.compile, items=items)
     bar.close()
     if proc.master and (a.stop_at or s.updates) >= s.updates:
         final_evaluation(a, s, policy, reference, tok, proc)
