@@ -4,7 +4,7 @@ comparisons, and watch the proxy's score and the teacher's (gold) score as the p
 from the SFT model.
 
     python -m experiments.overoptimization   # after ./run.sh: out/sft -> out/experiments/...
-    python -m experiments.overoptimization --preset tiny --sft out/tiny/sft --ppo-updates 4 \
+    python -m experiments.overoptimization --preset tiny --sft out/tiny/sft --ppo-updates 4 \\
         --out-dir out/tiny/experiments/overoptimization   # a smoke test
 
 1. reward.py --prompts `--comparisons`: the weak (proxy) reward model.

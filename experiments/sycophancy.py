@@ -2,7 +2,7 @@
 three labelers, compared on held-out claims and questions.
 
     python -m experiments.sycophancy   # after ./run.sh: out/sft, out/ppo -> out/experiments/...
-    python -m experiments.sycophancy --preset tiny --sft out/tiny/sft --honest-ppo out/tiny/ppo \
+    python -m experiments.sycophancy --preset tiny --sft out/tiny/sft --honest-ppo out/tiny/ppo \\
         --out-dir out/tiny/experiments/sycophancy   # a smoke test
 
 The labelers (data/teacher.py, reward.py's flags) rank the SFT model's answers:
