@@ -56,6 +56,8 @@ def tiny_reward(tiny_sft, tmp_path_factory):
 def torchrun(script, args, nproc=2):
     """Run SCRIPT ARGS as `torchrun --standalone --nproc_per_node=NPROC` on the CPU (gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={nproc}", os.path.join(ROOT, script), *args],
-                   check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", os.path.join(ROOT, script), *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (f"torchrun {script} failed:\n{done.stdout[-3000:]}\n"
+                                  f"{done.stderr[-6000:]}")
