@@ -8,14 +8,16 @@
   evaluate_instruct runs it on each set of instruct_eval_sets(), all about what SFT never saw.
 - evaluate_base_on_chat_prompts: the base model on the same requests, as chat and as plain text.
 - answer_ids, reward_scores, evaluate_reward_model: what a reward model reads and scores, and
-  how well its scores agree with the teacher's (reward.py, sample.py --score-with, later PPO).
+  how well its scores agree with the teacher's (reward.py, ppo.py); RewardScorer: one answer's
+  score (sample.py --score-with, serve.py).
 """
 import itertools
+import sys
 
 import torch
 from tqdm import tqdm
 
-from common import UserError
+from common import UserError, load_checkpoint
 from data import chats, teacher, world
 
 
@@ -207,6 +209,29 @@ def reward_scores(model, sequences, pad_id, device, offset=0.0, batch_size=64):
         scores += (model(ids)[torch.arange(len(ids), device=device), last] - offset).tolist()
     model.train(training)
     return scores
+
+
+class RewardScorer:
+    """A reward checkpoint that scores one answer as a reply to a request (a base model's
+    continuation too, as if it were the assistant's answer), relative to the SFT model's mean."""
+
+    def __init__(self, ckpt_dir, device, flag):
+        self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, ["reward"], device, flag)
+        self.offset, self.device, self.flag = ckpt.get("score_offset", 0.0), device, flag
+        if "score_offset" not in ckpt:
+            print(f"note: {ckpt_dir} has no score offset yet (its run has not finished): scores "
+                  "are not centred on the SFT model's mean", file=sys.stderr)
+
+    def __call__(self, messages, text, ended, tok):
+        if tok.checksum != self.tok.checksum:
+            raise UserError(f"{self.flag}: the reward model has another tokenizer than the "
+                            "checkpoint it scores")
+        try:
+            ids = answer_ids(tok, messages, text.strip() or "...", ended)
+        except ValueError as e:
+            raise UserError(f"prompt: {e}") from None
+        ids = ids[-self.model.config.block_size:]  # a long conversation: its most recent part
+        return reward_scores(self.model, [ids], tok.pad_id, self.device, self.offset)[0]
 
 
 def spearman(x, y):

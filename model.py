@@ -219,6 +219,16 @@ class GPT(nn.Module):
         return logprobs.gather(-1, idx[:, 1:, None]).squeeze(-1)
 
     @torch.no_grad()
+    def top_next_tokens(self, ids, k):
+        """The k likeliest tokens to follow `ids` (a list of token ids), with their probabilities
+        under the model's own softmax (temperature 1): [(token id, probability)], likeliest
+        first. What the model "thinks" at one position, before any sampling choice."""
+        logits, _ = self(torch.tensor([ids], device=self.embed_tokens.weight.device))
+        probs = logits[0, -1].float().softmax(-1)
+        top = probs.topk(min(k, probs.numel()))
+        return list(zip(top.indices.tolist(), top.values.tolist()))
+
+    @torch.no_grad()
     def stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                stop_ids=(), seed=None, pad_id=0, use_cache=True):
         """Sample continuations for a batch of prompts (lists of token ids, any lengths).

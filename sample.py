@@ -26,10 +26,8 @@ import math
 import os
 import sys
 
-import torch
-
 from common import UserError, autocast, die, load_checkpoint, pick_device, pick_dtype, seed_arg
-from evaluation import answer_ids, reward_scores
+from evaluation import RewardScorer
 from data import chats
 
 
@@ -68,29 +66,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     return p.parse_args(argv)
-
-
-class Scorer:
-    """A reward model that scores each answer as a reply to the request (a base model's
-    continuation included, as if it were the assistant's answer)."""
-
-    def __init__(self, ckpt_dir, device):
-        self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, ["reward"], device, "--score-with")
-        self.offset, self.device = ckpt.get("score_offset", 0.0), device
-        if "score_offset" not in ckpt:
-            print(f"note: {ckpt_dir} has no score offset yet (its run has not finished): scores "
-                  "are not centred on the SFT model's mean", file=sys.stderr)
-
-    def __call__(self, messages, text, ended, tok):
-        if tok.checksum != self.tok.checksum:
-            raise UserError("--score-with: the reward model has another tokenizer than the "
-                            "checkpoint it scores")
-        try:
-            ids = answer_ids(tok, messages, text.strip() or "...", ended)
-        except ValueError as e:
-            raise UserError(f"prompt: {e}") from None
-        ids = ids[-self.model.config.block_size:]  # a long conversation: its most recent part
-        return reward_scores(self.model, [ids], tok.pad_id, self.device, self.offset)[0]
 
 
 class Sampler:
@@ -187,7 +162,7 @@ class Sampler:
         tokens there and their probabilities, and the token that was generated."""
         for step in range(min(self.a.next_tokens_steps, len(reply) + 1)):
             with autocast(self.device, self.dtype):
-                top = next_tokens(self.model, ids + reply[:step], self.a.next_tokens)
+                top = self.model.top_next_tokens(ids + reply[:step], self.a.next_tokens)
             shown = ", ".join(f"{json.dumps(self.tok.decode([t]))} {p:.3f}" for t, p in top)
             then = (f"; generated {json.dumps(self.tok.decode([reply[step]]))}"
                     if step < len(reply) else "")
@@ -225,16 +200,6 @@ def show_loss_mask(a):
           f"{'green' if on != '[' else 'in brackets'})")
 
 
-@torch.no_grad()
-def next_tokens(model, ids, k):
-    """The k likeliest tokens to follow `ids`, with their probabilities under the model's own
-    softmax (temperature 1): [(token id, probability)], likeliest first."""
-    logits, _ = model(torch.tensor([ids], device=model.embed_tokens.weight.device))
-    probs = logits[0, -1].float().softmax(-1)
-    top = probs.topk(min(k, probs.numel()))
-    return list(zip(top.indices.tolist(), top.values.tolist()))
-
-
 def main(argv=None):
     a = parse_args(argv)
     try:
@@ -248,7 +213,8 @@ def main(argv=None):
             raise UserError("--interactive talks to one checkpoint: use --ckpt, not --compare")
         if a.loss_mask is not None:
             return show_loss_mask(a)
-        scorer = Scorer(a.score_with, pick_device(a.device)) if a.score_with else None
+        scorer = (RewardScorer(a.score_with, pick_device(a.device), "--score-with")
+                  if a.score_with else None)
         samplers = [Sampler(d, a, scorer) for d in (a.compare or [a.ckpt])]
         if a.interactive:
             s = samplers[0]

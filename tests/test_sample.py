@@ -199,7 +199,7 @@ def test_next_tokens_are_the_models_softmax_and_greedy_takes_the_first(ckpt, cap
     from common import load_checkpoint
     model, tok, _ = load_checkpoint(ckpt)
     ids = [tok.eot_id] + tok.encode("What is the capital of France?\n")
-    top = sample.next_tokens(model.eval(), ids, 5)
+    top = model.eval().top_next_tokens(ids, 5)
     probs = model(torch.tensor([ids]))[0][0, -1].softmax(-1).topk(5)
     assert [t for t, _ in top] == probs.indices.tolist()
     assert [p for _, p in top] == pytest.approx(probs.values.tolist(), abs=1e-6)

@@ -7,7 +7,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-STAGES = {"pretrain", "sft", "reward", "ppo", "bench", "sample", "export", "plot"}  # scripts
+STAGES = {"pretrain", "sft", "reward", "ppo", "bench", "sample", "export", "plot",  # scripts
+          "serve"}
 LIBRARY = {"model", "common", "evaluation", "data"}  # what a script may import from the project
 
 

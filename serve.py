@@ -1,0 +1,312 @@
+"""The stages side by side in a browser: a page on this machine (localhost only) that puts one
+request to several checkpoints and streams their answers in columns, a token of each in turn.
+
+    python serve.py out/base out/sft out/ppo --reward-model out/reward
+    # then open http://127.0.0.1:8000
+
+Each checkpoint answers in the form that fits its stage: a base model continues the request as
+plain text (the system prompt on a line before the question), an instruct model (SFT, PPO)
+answers it as chat; the page's format menu can put it to every model in one form instead, as
+sample.py --format does. Click a generated token to see, for every model, the likeliest next
+tokens at that point of that answer (each model's own softmax, temperature 1, on its own prompt
+followed by the answer so far). With --reward-model, each answer gets the reward model's score;
+when the request asks about an entity of the bundled world, the teacher (data/teacher.py) gives
+its verdict on each answer.
+
+Only the standard library serves it (http.server). One request runs at a time and the others
+wait their turn (at most --queue; more are told the server is busy); a closed tab stops its
+generation at the next token.
+
+Endpoints (JSON; the page itself is web/index.html):
+  GET  /api/models    the checkpoints (name, stage, form, context), the reward model if any
+  POST /api/generate  {"prompt", "system"?, "temperature"?, "max_new_tokens"?, "format"?, "seed"?}
+                      -> JSON lines: {"event": "start" | "token" | "done" | "end", ...}
+  POST /api/next      the same fields and {"model": i, "answer": [token ids], "k"?}
+                      -> {"position", "models": [{"name", "top": [{"id", "text", "prob"}]}]}
+A bad request gets status 400 and {"error": "..."}; a full queue 503.
+"""
+import argparse
+import codecs
+import errno
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from common import UserError, autocast, die, load_checkpoint, pick_device, pick_dtype
+from evaluation import RewardScorer
+from data import chats, teacher
+
+HOST = "127.0.0.1"  # never another interface: the page runs models for whoever reaches it
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "index.html")
+MAX_BODY = 1 << 16  # bytes of a request body: prompts are short
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpts", nargs="+", metavar="DIR",
+                   help="checkpoint folders (base, sft or ppo), one column each, in this order")
+    p.add_argument("--reward-model", metavar="DIR", help="a reward checkpoint (reward.py): its "
+                   "score of every answer, relative to the SFT model's mean (0)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free one (default: 8000)")
+    p.add_argument("--queue", type=int, default=8,
+                   help="requests that may wait while one runs; more are answered 'busy'")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    return p.parse_args(argv)
+
+
+class BadRequest(Exception):
+    """A request the server cannot serve: answered with `status` and the message, never a crash."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+def field(body, name, kind, default, check, rule):
+    """body[name] as `kind` (or `default` when absent); BadRequest naming the rule otherwise."""
+    value = body.get(name)
+    if value is None:  # absent, or null
+        value = default
+        if value is None:
+            return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) or not check(value):
+        raise BadRequest(f"{name}: expected {rule}, got {json.dumps(value)[:40]}")
+    return value
+
+
+class Models:
+    """The checkpoints of one pipeline (one tokenizer), the reward model, and the lock that lets
+    one request at a time use them."""
+
+    def __init__(self, dirs, reward_dir=None, device="auto", dtype="auto", queue=8):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.columns = []
+        for d in dirs:
+            model, tok, ckpt = load_checkpoint(d, ["base", "sft", "ppo"], self.device, "serve.py")
+            if self.columns and tok.checksum != self.tok.checksum:
+                raise UserError(f"{d} has another tokenizer than {self.columns[0]['name']}: the "
+                                "page compares the checkpoints of one pipeline")
+            self.tok = tok
+            self.columns.append({"name": d.rstrip("/"), "stage": ckpt["stage"],
+                                 "model": model.eval()})
+        self.scorer = (RewardScorer(reward_dir, self.device, "--reward-model")
+                       if reward_dir else None)
+        if self.scorer and self.scorer.tok.checksum != self.tok.checksum:
+            raise UserError(f"--reward-model {reward_dir}: another tokenizer than the checkpoints'")
+        self.lock, self.slots = threading.Lock(), threading.BoundedSemaphore(queue + 1)
+        self.tokens_generated = 0  # over the server's life: shows that a closed tab stopped
+
+    def describe(self):
+        return {"models": [{"name": c["name"], "stage": c["stage"],
+                            "form": "text" if c["stage"] == "base" else "chat",
+                            "context": c["model"].config.block_size} for c in self.columns],
+                "reward_model": self.scorer is not None, "device": self.device}
+
+    def parse(self, body):
+        """The request fields every endpoint shares, checked."""
+        if not isinstance(body, dict):
+            raise BadRequest("expected a JSON object")
+        prompt = field(body, "prompt", str, "", lambda v: v.strip(), "a non-empty string")
+        system = field(body, "system", str, "", lambda v: True, "a string").strip() or None
+        return {"messages": ([{"role": "system", "content": system}] if system else [])
+                + [{"role": "user", "content": prompt}],
+                "temperature": field(body, "temperature", float, 0.0,
+                                     lambda v: 0 <= v <= 5, "a number from 0 to 5"),
+                "max_new_tokens": field(body, "max_new_tokens", int, 48,
+                                        lambda v: v >= 1, "a whole number >= 1"),
+                "format": field(body, "format", str, "auto",
+                                lambda v: v in ("auto", "chat", "text"), "auto, chat or text"),
+                "seed": field(body, "seed", int, None, lambda v: v >= 0, "a whole number >= 0")}
+
+    def prompt_ids(self, column, req):
+        """What this column's model reads: the chat format, or the request as plain text opened
+        by <|endoftext|> (a base model's form); BadRequest when it fills the context."""
+        chat = req["format"] == "chat" or (req["format"] == "auto" and column["stage"] != "base")
+        if chat:
+            try:
+                ids = self.tok.render_chat(req["messages"], for_completion=True)[0]
+            except ValueError as e:
+                raise BadRequest(f"prompt: {e}") from None
+        else:
+            ids = [self.tok.eot_id] + self.tok.encode(chats.plain_prompt(req["messages"]))
+        context = column["model"].config.block_size
+        if len(ids) >= context:
+            raise BadRequest(f"the prompt is {len(ids)} tokens; the context of {column['name']} "
+                             f"is {context}: shorten it")
+        return ids, chat
+
+    def generate(self, req, send):
+        """Every column's answer, a token of each in turn, as events to send(event). send raises
+        OSError once the browser has gone: the generation stops there."""
+        prompts = [self.prompt_ids(c, req) for c in self.columns]
+        item = teacher.lookup(req["messages"])
+        send({"event": "start", "teacher": item and {k: item[k] for k in
+                                                     ("kind", "entity", "gold", "claim")},
+              "prompts": [{"text": self.tok.decode(ids), "form": "chat" if chat else "text"}
+                          for ids, chat in prompts]})
+        end_of_turn = self.tok.special("<|end|>")
+        answers = []
+        for column, (ids, chat) in zip(self.columns, prompts):
+            stops = [self.tok.eot_id] + ([end_of_turn] if chat else [])
+            n = min(req["max_new_tokens"], column["model"].config.block_size - len(ids))
+            answers.append({"ids": [], "chat": chat, "stops": stops, "ended": None,
+                            "decoder": codecs.getincrementaldecoder("utf-8")(errors="replace"),
+                            "stream": column["model"].stream(
+                                [ids], n, temperature=req["temperature"], stop_ids=stops,
+                                seed=req["seed"], pad_id=self.tok.pad_id)})
+        with autocast(self.device, self.dtype):
+            while any(a["stream"] for a in answers):
+                for i, answer in enumerate(answers):
+                    if answer["stream"]:
+                        self.step(i, answer, req, item, send)
+        send({"event": "end"})
+
+    def step(self, i, answer, req, item, send):
+        """One token of column i's answer (or its end: the done event with score and verdict)."""
+        token = next(answer["stream"], None)
+        if token is not None and token.item() not in answer["stops"]:
+            self.tokens_generated += 1
+            answer["ids"].append(token.item())
+            piece = answer["decoder"].decode(self.tok.decode_bytes([token.item()]))
+            return send({"event": "token", "model": i, "id": token.item(), "text": piece})
+        answer["stream"] = None
+        ended = self.tok.decode([token.item()]) if token is not None else None
+        text = self.tok.decode(answer["ids"])
+        score = verdict = None
+        if self.scorer:
+            score = self.scorer(req["messages"], text, ended == "<|end|>", self.tok)
+        if item:
+            verdict = teacher.judge(item, text, ended == "<|end|>")
+        send({"event": "done", "model": i, "text": text, "ended": ended,
+              "tokens": len(answer["ids"]), "score": score, "verdict": verdict})
+
+    def next_tokens(self, req, body):
+        """At one position of column `model`'s answer, every column's k likeliest next tokens."""
+        which = field(body, "model", int, 0, lambda v: 0 <= v < len(self.columns),
+                      f"a column from 0 to {len(self.columns) - 1}")
+        answer = field(body, "answer", list, [], lambda v: all(
+            isinstance(t, int) and 0 <= t < self.tok.n_vocab for t in v), "a list of token ids")
+        k = field(body, "k", int, 10, lambda v: 1 <= v <= 100, "a whole number from 1 to 100")
+        out = []
+        for column in self.columns:
+            ids = self.prompt_ids(column, req)[0] + answer
+            if len(ids) > column["model"].config.block_size:
+                out.append({"name": column["name"], "top": None})
+                continue
+            with autocast(self.device, self.dtype):
+                top = column["model"].top_next_tokens(ids, k)
+            out.append({"name": column["name"], "top": [
+                {"id": t, "text": self.tok.decode([t]), "prob": p} for t, p in top]})
+        return {"model": which, "position": len(answer), "models": out}
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "serve.py"
+
+    def do_GET(self):
+        if self.path in ("/", "/index.html"):
+            with open(PAGE, "rb") as f:
+                self.reply(200, f.read(), "text/html; charset=utf-8")
+        elif self.path == "/favicon.ico":
+            self.reply(204, b"", "image/x-icon")  # none: the browser asks for it anyway
+        elif self.path == "/api/models":
+            self.reply_json(200, self.server.models.describe())
+        else:
+            self.reply_json(404, {"error": f"no page {self.path}"})
+
+    def do_POST(self):
+        models = self.server.models
+        if self.path not in ("/api/generate", "/api/next"):
+            return self.reply_json(404, {"error": f"no endpoint {self.path}"})
+        if not models.slots.acquire(blocking=False):
+            return self.reply_json(503, {"error": "busy: too many requests are waiting; "
+                                                  "try again in a moment"})
+        try:
+            body = self.read_json()
+            req = models.parse(body)
+            with models.lock:  # the others wait here, in turn
+                if self.path == "/api/next":
+                    return self.reply_json(200, models.next_tokens(req, body))
+                for column in models.columns:  # a bad prompt gets a status, not a broken stream
+                    models.prompt_ids(column, req)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                models.generate(req, self.send_event)
+        except BadRequest as e:
+            self.reply_json(e.status, {"error": str(e)})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the tab was closed: its generation stops here
+        finally:
+            models.slots.release()
+
+    def read_json(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise BadRequest(f"the request is {length} bytes; at most {MAX_BODY}", 413)
+        try:
+            return json.loads(self.rfile.read(length) or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadRequest(f"not JSON: {e}") from None
+
+    def send_event(self, event):
+        self.wfile.write(json.dumps(event).encode() + b"\n")
+        self.wfile.flush()
+
+    def reply_json(self, status, obj):
+        self.reply(status, json.dumps(obj).encode(), "application/json")
+
+    def reply(self, status, data, content_type):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):  # errors only: a page makes many requests
+        if len(args) > 1 and str(args[1])[:1] in "45":
+            super().log_message(format, *args)
+
+
+def make_server(models, port):
+    """The HTTP server on localhost (port 0: a free one); its threads serve requests at once."""
+    try:
+        server = ThreadingHTTPServer((HOST, port), Handler)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"--port {port} is in use: pick another (0: a free one)") from None
+        raise UserError(f"--port {port}: cannot serve there ({e.strerror or e})") from None
+    server.daemon_threads = True  # Ctrl-C does not wait for open streams
+    server.models = models
+    return server
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        if not 0 <= a.port < 65536 or a.queue < 0:
+            raise UserError("--port must be 0 to 65535 and --queue at least 0")
+        models = Models(a.ckpts, a.reward_model, a.device, a.dtype, a.queue)
+        server = make_server(models, a.port)
+    except UserError as e:
+        die(str(e))
+    names = ", ".join(f"{c['name']} ({c['stage']})" for c in models.columns)
+    print(f"serving {names} on http://{HOST}:{server.server_address[1]} (Ctrl-C stops)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nstopped")
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
