@@ -14,23 +14,26 @@ when the request asks about an entity of the bundled world, the teacher (data/te
 its verdict on each answer.
 
 Only the standard library serves it (http.server). One request runs at a time and the others
-wait their turn (at most --queue; more are told the server is busy); a closed tab stops its
-generation at the next token.
+wait (at most --queue of them; more are told the server is busy); a closed tab stops its
+generation within a token or two (at the first write that fails).
 
 Endpoints (JSON; the page itself is web/index.html):
-  GET  /api/models    the checkpoints (name, stage, form, context), the reward model if any
+  GET  /api/models    the checkpoints (name, stage), the reward model if any, the device
   POST /api/generate  {"prompt", "system"?, "temperature"?, "max_new_tokens"?, "format"?, "seed"?}
-                      -> JSON lines: {"event": "start" | "token" | "done" | "end", ...}
-  POST /api/next      the same fields and {"model": i, "answer": [token ids], "k"?}
+                      -> JSON lines: {"event": "start" | "token" | "done" | "end" | "error", ...}
+  POST /api/next      the same fields and {"answer": [token ids], "k"?}
                       -> {"position", "models": [{"name", "top": [{"id", "text", "prob"}]}]}
-A bad request gets status 400 and {"error": "..."}; a full queue 503.
+A bad request gets status 400 and {"error": "..."}, a full queue 503; a failure once the stream
+has begun ends it with {"event": "error", "error": "..."}.
 """
 import argparse
 import codecs
+import contextlib
 import errno
 import json
 import os
 import threading
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from common import UserError, autocast, die, load_checkpoint, pick_device, pick_dtype
@@ -100,12 +103,11 @@ class Models:
         if self.scorer and self.scorer.tok.checksum != self.tok.checksum:
             raise UserError(f"--reward-model {reward_dir}: another tokenizer than the checkpoints'")
         self.lock, self.slots = threading.Lock(), threading.BoundedSemaphore(queue + 1)
-        self.tokens_generated = 0  # over the server's life: shows that a closed tab stopped
+        self.tokens_generated = 0  # over the server's life (the tests read it: a tab closed
+        # mid-answer must stop the generation, not only the writing)
 
     def describe(self):
-        return {"models": [{"name": c["name"], "stage": c["stage"],
-                            "form": "text" if c["stage"] == "base" else "chat",
-                            "context": c["model"].config.block_size} for c in self.columns],
+        return {"models": [{"name": c["name"], "stage": c["stage"]} for c in self.columns],
                 "reward_model": self.scorer is not None, "device": self.device}
 
     def parse(self, body):
@@ -122,7 +124,8 @@ class Models:
                                         lambda v: v >= 1, "a whole number >= 1"),
                 "format": field(body, "format", str, "auto",
                                 lambda v: v in ("auto", "chat", "text"), "auto, chat or text"),
-                "seed": field(body, "seed", int, None, lambda v: v >= 0, "a whole number >= 0")}
+                "seed": field(body, "seed", int, None, lambda v: 0 <= v < 2 ** 63,
+                              "a whole number from 0 to 2**63 - 1")}
 
     def prompt_ids(self, column, req):
         """What this column's model reads: the chat format, or the request as plain text opened
@@ -141,10 +144,9 @@ class Models:
                              f"is {context}: shorten it")
         return ids, chat
 
-    def generate(self, req, send):
-        """Every column's answer, a token of each in turn, as events to send(event). send raises
-        OSError once the browser has gone: the generation stops there."""
-        prompts = [self.prompt_ids(c, req) for c in self.columns]
+    def generate(self, req, prompts, send):
+        """Every column's answer to its prompt (prompt_ids), a token of each in turn, as events
+        to send(event). send raises ConnectionError once the browser has gone: generation stops."""
         item = teacher.lookup(req["messages"])
         send({"event": "start", "teacher": item and {k: item[k] for k in
                                                      ("kind", "entity", "gold", "claim")},
@@ -155,7 +157,7 @@ class Models:
         for column, (ids, chat) in zip(self.columns, prompts):
             stops = [self.tok.eot_id] + ([end_of_turn] if chat else [])
             n = min(req["max_new_tokens"], column["model"].config.block_size - len(ids))
-            answers.append({"ids": [], "chat": chat, "stops": stops, "ended": None,
+            answers.append({"ids": [], "stops": stops,
                             "decoder": codecs.getincrementaldecoder("utf-8")(errors="replace"),
                             "stream": column["model"].stream(
                                 [ids], n, temperature=req["temperature"], stop_ids=stops,
@@ -174,8 +176,10 @@ class Models:
             self.tokens_generated += 1
             answer["ids"].append(token.item())
             piece = answer["decoder"].decode(self.tok.decode_bytes([token.item()]))
-            return send({"event": "token", "model": i, "id": token.item(), "text": piece})
+            send({"event": "token", "model": i, "id": token.item(), "text": piece})
+            return
         answer["stream"] = None
+        tail = answer["decoder"].decode(b"", final=True)  # a character cut at the last token
         ended = self.tok.decode([token.item()]) if token is not None else None
         text = self.tok.decode(answer["ids"])
         score = verdict = None
@@ -183,13 +187,12 @@ class Models:
             score = self.scorer(req["messages"], text, ended == "<|end|>", self.tok)
         if item:
             verdict = teacher.judge(item, text, ended == "<|end|>")
-        send({"event": "done", "model": i, "text": text, "ended": ended,
+        send({"event": "done", "model": i, "text": text, "tail": tail, "ended": ended,
               "tokens": len(answer["ids"]), "score": score, "verdict": verdict})
 
     def next_tokens(self, req, body):
-        """At one position of column `model`'s answer, every column's k likeliest next tokens."""
-        which = field(body, "model", int, 0, lambda v: 0 <= v < len(self.columns),
-                      f"a column from 0 to {len(self.columns) - 1}")
+        """After `answer` (token ids: the start of one column's answer), every column's k
+        likeliest next tokens, each on its own prompt followed by those tokens."""
         answer = field(body, "answer", list, [], lambda v: all(
             isinstance(t, int) and 0 <= t < self.tok.n_vocab for t in v), "a list of token ids")
         k = field(body, "k", int, 10, lambda v: 1 <= v <= 100, "a whole number from 1 to 100")
@@ -203,7 +206,7 @@ class Models:
                 top = column["model"].top_next_tokens(ids, k)
             out.append({"name": column["name"], "top": [
                 {"id": t, "text": self.tok.decode([t]), "prob": p} for t, p in top]})
-        return {"model": which, "position": len(answer), "models": out}
+        return {"position": len(answer), "models": out}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -227,30 +230,47 @@ class Handler(BaseHTTPRequestHandler):
         if not models.slots.acquire(blocking=False):
             return self.reply_json(503, {"error": "busy: too many requests are waiting; "
                                                   "try again in a moment"})
+        streaming = False
         try:
             body = self.read_json()
             req = models.parse(body)
-            with models.lock:  # the others wait here, in turn
+            with models.lock:  # the others wait here (a plain lock: in no fixed order)
                 if self.path == "/api/next":
                     return self.reply_json(200, models.next_tokens(req, body))
-                for column in models.columns:  # a bad prompt gets a status, not a broken stream
-                    models.prompt_ids(column, req)
+                # every prompt before the status line: a bad one gets a 400, not a broken stream
+                prompts = [models.prompt_ids(column, req) for column in models.columns]
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-ndjson")
                 self.send_header("Cache-Control", "no-store")
                 self.end_headers()
-                models.generate(req, self.send_event)
-        except BadRequest as e:
-            self.reply_json(e.status, {"error": str(e)})
-        except (BrokenPipeError, ConnectionResetError):
+                streaming = True
+                models.generate(req, prompts, self.send_event)
+        except ConnectionError:
             pass  # the tab was closed: its generation stops here
+        except BadRequest as e:
+            self.fail(e.status, str(e), streaming)
+        except Exception as e:  # noqa: BLE001 - a bug, or the device (out of memory): keep serving
+            traceback.print_exc()
+            self.fail(500, f"{type(e).__name__}: {e}", streaming)
         finally:
             models.slots.release()
 
+    def fail(self, status, message, streaming):
+        """The error, as a status (before the stream began) or as the stream's last event."""
+        with contextlib.suppress(ConnectionError):  # the browser may be gone too
+            if streaming:
+                self.send_event({"event": "error", "error": message})
+            else:
+                self.reply_json(status, {"error": message})
+
     def read_json(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            raise BadRequest(f"the request is {length} bytes; at most {MAX_BODY}", 413)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            raise BadRequest(f"Content-Length: expected 0 to {MAX_BODY} bytes, got "
+                             f"{self.headers.get('Content-Length')}", 413 if length > 0 else 400)
         try:
             return json.loads(self.rfile.read(length) or b"null")
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

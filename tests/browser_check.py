@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,6 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what, check, timeout):
@@ -152,21 +145,19 @@ def main():
     p.add_argument("--out", default="serve.png", help="the screenshot (PNG)")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the answers")
     a = p.parse_args()
-    port = free_port()
     server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *a.ckpts,
-                               "--port", str(port), "--device", "cpu"]
-                              + (["--reward-model", a.reward_model] if a.reward_model else []))
+                               "--port", "0", "--device", "cpu"]
+                              + (["--reward-model", a.reward_model] if a.reward_model else []),
+                              stdout=subprocess.PIPE, text=True)
     profile = tempfile.mkdtemp(prefix="browser-check-")
     browser = None
     try:
-        def up():
-            try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{port}/api/models").status == 200
-            except OSError:
-                return server.poll() is not None and sys.exit("browser check: serve.py exited")
-        wait_for("serve.py", up, 120)
+        line = server.stdout.readline()  # "serving ... on http://127.0.0.1:PORT (Ctrl-C stops)"
+        if " on http://" not in line:
+            sys.exit("browser check: serve.py did not start (its error is above)")
+        url = line.split(" on ")[-1].split()[0] + "/"
         browser, tools = start_chromium(profile)
-        shown = json.loads(check_page(tools, f"http://127.0.0.1:{port}/", a))
+        shown = json.loads(check_page(tools, url, a))
         screenshot(tools, a.out)
         print(json.dumps(shown, indent=1))
         print(f"browser check passed: {a.out}")

@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -45,8 +46,8 @@ def test_page_and_models(server, tiny_base, tiny_sft):
     assert status == 200 and "/api/generate" in page and 'id="temperature"' in page
     status, info = call(server, "GET", "/api/models")
     assert status == 200 and info["reward_model"] is True
-    assert [(m["name"], m["stage"], m["form"]) for m in info["models"]] == [
-        (tiny_base, "base", "text"), (tiny_sft, "sft", "chat")]
+    assert info["models"] == [{"name": tiny_base, "stage": "base"},
+                              {"name": tiny_sft, "stage": "sft"}]
     assert call(server, "GET", "/nope")[0] == 404
 
 
@@ -99,8 +100,7 @@ def test_next_tokens_are_each_models_softmax(server):
     """At position p of column 1's answer, every column's top-k is its softmax on its own prompt
     followed by those p answer tokens: sorted, summing to at most 1."""
     answer = server.models.tok.encode(" The capital")
-    status, out = call(server, "POST", "/api/next", {"prompt": FRANCE, "model": 1,
-                                                     "answer": answer, "k": 5})
+    status, out = call(server, "POST", "/api/next", {"prompt": FRANCE, "answer": answer, "k": 5})
     assert status == 200 and out["position"] == len(answer) and len(out["models"]) == 2
     tok = server.models.tok
     messages = [{"role": "user", "content": FRANCE}]
@@ -122,7 +122,8 @@ def test_next_tokens_are_each_models_softmax(server):
     ("/api/generate", {"prompt": "hi", "format": "html"}, 400, "format: expected auto, chat"),
     ("/api/generate", "{not json", 400, "not JSON"),
     ("/api/generate", [1, 2], 400, "expected a JSON object"),
-    ("/api/next", {"prompt": "hi", "model": 7}, 400, "model: expected a column from 0 to 1"),
+    ("/api/generate", {"prompt": "hi", "seed": 2 ** 64}, 400, "seed: expected a whole number"),
+    ("/api/next", {"prompt": "hi", "k": 0}, 400, "k: expected a whole number from 1 to 100"),
     ("/api/next", {"prompt": "hi", "answer": [1, -1]}, 400, "answer: expected a list of token"),
     ("/api/nope", {}, 404, "no endpoint"),
 ])
@@ -133,24 +134,45 @@ def test_bad_requests_get_a_status_and_a_message(server, path, body, status, say
 
 
 def test_concurrent_requests_queue_or_are_told_busy(server):
-    """Eight requests at once with room for one running and two waiting: each gets a whole
-    answer or 'busy', at least three get answers, and the server serves the next one."""
-    results = [None] * 8
+    """Eight requests while one runs, with room for that one and two waiting: five are told
+    'busy' at once, three wait and then each gets a whole answer, and the server goes on."""
+    results = []
 
-    def ask(i):
-        results[i] = call(server, "POST", "/api/generate", {"prompt": FRANCE,
-                                                           "max_new_tokens": 30})
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
+    def ask():
+        results.append(call(server, "POST", "/api/generate", {"prompt": FRANCE,
+                                                             "max_new_tokens": 8}))
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    with server.models.lock:  # a request is running
+        for t in threads:
+            t.start()
+        for _ in range(600):
+            if len(results) == 5:
+                break
+            time.sleep(0.1)
+        assert [status for status, _ in results] == [503] * 5
+        assert all("busy" in out["error"] for _, out in results)
     for t in threads:
         t.join(timeout=300)
-    assert all(r is not None for r in results)
-    served = [events for status, events in results if status == 200]
-    assert all(events[-1] == {"event": "end"} for events in served)
-    assert all("busy" in out["error"] for status, out in results if status == 503)
-    assert {status for status, _ in results} <= {200, 503} and len(served) >= 3
+    assert [status for status, _ in results[5:]] == [200] * 3
+    assert all(events[-1] == {"event": "end"} for _, events in results[5:])
     assert call(server, "POST", "/api/generate", {"prompt": FRANCE, "max_new_tokens": 2})[0] == 200
+
+
+def raw_post(server, path, body, length=None):
+    """A POST written by hand (for a Content-Length no client library would send); the socket."""
+    sock = socket.create_connection(server.server_address, timeout=60)
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n%s"
+                 % (path.encode(), str(len(body) if length is None else length).encode(), body))
+    return sock
+
+
+def receive_until(sock, marker):
+    received = b""
+    while marker not in received:
+        chunk = sock.recv(4096)
+        assert chunk, f"the server closed the connection before {marker}: {received[-300:]}"
+        received += chunk
+    return received
 
 
 def test_a_closed_connection_stops_generation(server):
@@ -162,18 +184,30 @@ def test_a_closed_connection_stops_generation(server):
     whole = server.models.tokens_generated - before
     assert whole >= 60  # enough to tell stopping from finishing
     before = server.models.tokens_generated
-    data = json.dumps(body).encode()
-    with socket.create_connection(server.server_address) as sock:
-        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(data), data))
-        received = b""
-        while b'"event": "token"' not in received:
-            received += sock.recv(4096)
-    assert server.models.slots.acquire(timeout=60)  # the cancelled request has let go
-    server.models.slots.release()
-    with server.models.lock:
+    with raw_post(server, "/api/generate", json.dumps(body).encode()) as sock:
+        receive_until(sock, b'"event": "token"')
+    with server.models.lock:  # taken once the cancelled request has let go
         stopped_after = server.models.tokens_generated - before
     assert stopped_after < whole / 2
+
+
+@pytest.mark.parametrize("length", ["-5", "lots", str(serve.MAX_BODY + 1)])
+def test_a_bad_content_length_is_refused(server, length):
+    with raw_post(server, "/api/generate", b"{}", length) as sock:
+        head = receive_until(sock, b"\r\n\r\n")
+    assert head.split(b" ")[1] in (b"400", b"413")
+
+
+def test_a_failure_mid_stream_ends_it_with_an_error_event(server, monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("the judge broke")
+    monkeypatch.setattr(serve.teacher, "judge", broken)
+    status, events = call(server, "POST", "/api/generate", {"prompt": FRANCE, "max_new_tokens": 3})
+    assert status == 200 and events[-1] == {"event": "error",
+                                            "error": "RuntimeError: the judge broke"}
+    assert "the judge broke" in capsys.readouterr().err  # and the traceback is in the log
+    monkeypatch.undo()
+    assert call(server, "POST", "/api/generate", {"prompt": FRANCE, "max_new_tokens": 2})[0] == 200
 
 
 def test_startup_errors_are_one_line(tiny_sft, tiny_reward, tmp_path, capsys):
