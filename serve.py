@@ -23,8 +23,8 @@ Endpoints (JSON; the page itself is web/index.html):
                       -> JSON lines: {"event": "start" | "token" | "done" | "end" | "error", ...}
   POST /api/next      the same fields and {"answer": [token ids], "k"?}
                       -> {"position", "models": [{"name", "top": [{"id", "text", "prob"}]}]}
-A bad request gets status 400 and {"error": "..."}, a full queue 503; a failure once the stream
-has begun ends it with {"event": "error", "error": "..."}.
+A bad request gets status 400 and {"error": "..."} (413: a body over 64 KiB), a full queue 503; a
+failure once the stream has begun ends it with {"event": "error", "error": "..."}.
 """
 import argparse
 import codecs
@@ -78,7 +78,7 @@ def field(body, name, kind, default, check, rule):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool) or not check(value):
-        raise BadRequest(f"{name}: expected {rule}, got {json.dumps(value)[:40]}")
+        raise BadRequest(f"{name}: expected {rule}, got {json.dumps(body.get(name))[:40]}")
     return value
 
 
@@ -311,8 +311,10 @@ def make_server(models, port):
 def main(argv=None):
     a = parse_args(argv)
     try:
-        if not 0 <= a.port < 65536 or a.queue < 0:
-            raise UserError("--port must be 0 to 65535 and --queue at least 0")
+        if not 0 <= a.port < 65536:
+            raise UserError(f"--port {a.port}: expected 0 to 65535")
+        if a.queue < 0:
+            raise UserError(f"--queue {a.queue}: expected 0 or more")
         models = Models(a.ckpts, a.reward_model, a.device, a.dtype, a.queue)
         server = make_server(models, a.port)
     except UserError as e:

@@ -23,6 +23,11 @@ import tempfile
 import time
 import urllib.request
 
+try:
+    import websocket  # websocket-client
+except ImportError:  # said in one line by main()
+    websocket = None
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,7 +46,6 @@ class DevTools:
     """A minimal Chrome DevTools Protocol client over one page's WebSocket."""
 
     def __init__(self, ws_url):
-        import websocket  # websocket-client
         self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
         self.next_id = 0
 
@@ -83,12 +87,17 @@ def start_chromium(profile):
                              "--remote-debugging-port=0", f"--user-data-dir={profile}",
                              "--window-size=1400,900", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    port_file = os.path.join(profile, "DevToolsActivePort")
-    port = wait_for("Chromium's DevTools port", lambda: os.path.exists(port_file) and
-                    open(port_file).read().split("\n")[0], 30)
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as r:
-        page = next(t for t in json.load(r) if t["type"] == "page")
-    return proc, DevTools(page["webSocketDebuggerUrl"])
+    try:
+        port_file = os.path.join(profile, "DevToolsActivePort")
+        port = wait_for("Chromium's DevTools port", lambda: os.path.exists(port_file) and
+                        open(port_file).read().split("\n")[0], 30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as r:
+            page = next(t for t in json.load(r) if t["type"] == "page")
+        return proc, DevTools(page["webSocketDebuggerUrl"])
+    except BaseException:  # no browser left behind when the connection fails
+        proc.terminate()
+        proc.wait(timeout=30)
+        raise
 
 
 def check_page(tools, url, a):
@@ -145,6 +154,8 @@ def main():
     p.add_argument("--out", default="serve.png", help="the screenshot (PNG)")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the answers")
     a = p.parse_args()
+    if websocket is None:
+        sys.exit("browser check: needs websocket-client (pip install -r requirements-dev.txt)")
     server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *a.ckpts,
                                "--port", "0", "--device", "cpu"]
                               + (["--reward-model", a.reward_model] if a.reward_model else []),

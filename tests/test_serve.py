@@ -214,7 +214,7 @@ def test_startup_errors_are_one_line(tiny_sft, tiny_reward, tmp_path, capsys):
     for args, says in [([str(tmp_path / "nope")], "no checkpoint there"),
                        ([tiny_reward], "'reward' checkpoint"),
                        ([tiny_sft, "--reward-model", tiny_sft], "'sft' checkpoint"),
-                       ([tiny_sft, "--port", "70000"], "--port must be 0 to 65535")]:
+                       ([tiny_sft, "--port", "70000"], "--port 70000: expected 0 to 65535")]:
         with pytest.raises(SystemExit) as e:
             serve.main(args)
         err = capsys.readouterr().err
