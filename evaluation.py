@@ -7,24 +7,28 @@
   prompts are claims or out of scope, sycophancy and invented facts (every instruct stage);
   evaluate_instruct runs it on each set of instruct_eval_sets(), all about what SFT never saw.
 - evaluate_base_on_chat_prompts: the base model on the same requests, as chat and as plain text.
+- evaluate_code: function signatures no document contains, continued by a base model (or sent
+  to an instruct model as chat): how often the continuation is code (code_shaped).
 - answer_ids, reward_scores, evaluate_reward_model: what a reward model reads and scores, and
   how well its scores agree with the teacher's (reward.py, ppo.py); RewardScorer: one answer's
   score (sample.py --score-with, serve.py).
 """
 import itertools
+import re
 import sys
 
 import torch
 from tqdm import tqdm
 
 from common import UserError, load_checkpoint
-from data import chats, teacher, world
+from data import chats, code, teacher, world
 
 
 @torch.no_grad()
 def evaluate_base(model, tok, device, seed=0, n_zero_shot=100, batch_size=64):
     """The evidence that this is a base model (see README): does a bare question get continued
-    with more questions, and does a few-shot Q/A prompt get the right answer?"""
+    with more questions, does a few-shot Q/A prompt get the right answer, and is a function
+    signature continued with code (evaluate_code)?"""
     model.eval()
     bos = [tok.eot_id]
 
@@ -55,6 +59,7 @@ def evaluate_base(model, tok, device, seed=0, n_zero_shot=100, batch_size=64):
         hits = [world.fewshot_answer(c) == items[i][1] for i, c in zip(keep, answers)]
         result[f"fewshot_{kind}_accuracy"] = sum(hits) / len(hits) if hits else None
         result[f"fewshot_{kind}_n"] = len(hits)
+    result.update(evaluate_code(model, tok))
     model.train()
     return result
 
@@ -180,6 +185,73 @@ def check_chat_eval_fits(tok, block_size):
     if longest >= block_size:
         raise UserError(f"the evaluation prompts need a context of more than {longest} tokens; "
                         f"the model's is {block_size} (--no-behaviour-eval skips them)")
+
+
+# ----------------------------------------------------------------------------- code
+_PROSE = re.compile(r"^[A-Za-z][A-Za-z',-]*( [A-Za-z0-9',-]+){3,}[.?!]$")  # a sentence, no code
+
+
+def function_body(language, completion, ended):
+    """The body a completion gives a signature: JavaScript up to the brace that closes it, Python
+    up to the first line back at column 0; the whole completion if the document `ended` there;
+    None if the function never ends."""
+    if language == "javascript":
+        depth = 1
+        for i, ch in enumerate(completion):
+            depth += (ch == "{") - (ch == "}")
+            if depth == 0:
+                return completion[:i]
+    else:
+        lines = completion.split("\n")
+        for i, line in enumerate(lines[1:], 1):
+            if line.strip() and not line[0].isspace():
+                return "\n".join(lines[:i])
+    return completion if ended else None
+
+
+def code_shaped(language, completion, ended=False):
+    """Is this continuation of a function signature code? It ends the function (balanced braces,
+    or a line back at column 0), every line of its body is indented (Python: by a multiple of 4
+    spaces), it returns something, and no line is an English sentence outside a comment."""
+    body = function_body(language, completion, ended)
+    lines = [line for line in (body or "").split("\n") if line.strip()]
+    if not lines:
+        return False
+    width = 4 if language == "python" else 2
+    indented = all(len(line) - len(line.lstrip(" ")) >= width and
+                   (language != "python" or (len(line) - len(line.lstrip(" "))) % 4 == 0)
+                   for line in lines)
+    code = [line.strip() for line in lines if not line.strip().startswith(("//", "#", "*", "/*"))]
+    return (indented and any(re.match(r"return\b", line) for line in code)
+            and not any(_PROSE.match(line) for line in code))
+
+
+@torch.no_grad()
+def evaluate_code(model, tok, chat=False, max_new=80, examples=2):
+    """data/code.EVAL_SIGNATURES, which no document of the world contains, each continued greedily
+    (a base model: as plain text; chat=True: sent as a user message, for an instruct model):
+    the share of continuations that are code (code_shaped), per language."""
+    training, result = model.training, {}
+    model.eval()
+    end = tok.special("<|end|>")
+    for language, signatures in code.EVAL_SIGNATURES.items():
+        if chat:
+            prompts = [tok.render_chat([{"role": "user", "content": s}], for_completion=True)[0]
+                       for s in signatures]
+        else:
+            prompts = [[tok.eot_id] + tok.encode(s) for s in signatures]
+        room = model.config.block_size - max(map(len, prompts))
+        rows = model.generate(prompts, min(max_new, room), temperature=0.0, pad_id=tok.pad_id,
+                              stop_ids=[tok.eot_id, end])
+        texts = [tok.decode([t for t in r if t not in (tok.eot_id, end)]) for r in rows]
+        ended = [bool(r) and r[-1] in (tok.eot_id, end) for r in rows]
+        shaped = [code_shaped(language, t, e) for t, e in zip(texts, ended)]
+        result[f"code_shaped_rate_{language}"] = sum(shaped) / len(shaped)
+        result[f"code_examples_{language}"] = [{"signature": s, "continuation": t} for s, t in
+                                               zip(signatures[:examples], texts[:examples])]
+    result["code_n"] = sum(map(len, code.EVAL_SIGNATURES.values()))
+    model.train(training)
+    return result
 
 
 # ----------------------------------------------------------------------------- reward model

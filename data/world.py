@@ -10,6 +10,8 @@ US states; see data/facts/ATTRIBUTION.md) are turned into English documents of f
     and they are why a base model asked "What is the capital of Peru?" answers with more questions.
   * a few answer keys in "Q: ...\nA: ..." form, so that few-shot prompting of the base model works.
   * a few Q&A pages with varied markers ("Question:/Answer:", "Student:/Teacher:", ...).
+Beside them, small JavaScript and Python files of everyday functions (data/code.py), so that the
+base model continues a function signature with code.
 
 Next to them sit Shakespeare's works (public domain, data/shakespeare/ATTRIBUTION.md) as real prose.
 
@@ -23,6 +25,8 @@ import hashlib
 import lzma
 import os
 import random
+
+from data import code
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FACTS_DIR = os.path.join(HERE, "facts")
@@ -58,7 +62,8 @@ def load_facts():
 
 def source_files():
     """Every file the bundled corpus is made from (a change to any of them changes the corpus)."""
-    return ([os.path.abspath(__file__)] + [os.path.join(FACTS_DIR, t + ".csv") for t in TABLES]
+    return ([os.path.abspath(__file__), os.path.join(HERE, "code.py")]
+            + [os.path.join(FACTS_DIR, t + ".csv") for t in TABLES]
             + [SHAKESPEARE_PATH])
 
 
@@ -447,17 +452,19 @@ def _faq(rng, facts):
 
 
 # Documents per pass over the tables, besides one passage per entity. With these numbers (seed 0)
-# 68% of the world's bytes are passages, 26% question documents (quiz 11%, forum 8%, bare list
-# 7%), 4% Q&A pages and 2% answer keys: enough answers to teach the Q/A forms, too few to make
-# answering the default behaviour.
+# 65% of the world's bytes are passages, 24% question documents (quiz 11%, forum 7%, bare list
+# 6%), 4% Q&A pages, 2% answer keys and 5% source code (data/code.py): enough answers to teach
+# the Q/A forms, too few to make answering the default behaviour; enough code that a function
+# signature is continued with code.
 _PER_COPY = {"quiz": 30, "forum": 25, "questions": 25, "answer_key": 6, "faq": 12}
+CODE_PER_COPY = 14
 _MAKERS = {"quiz": _quiz_sheet, "forum": _forum_post, "questions": _question_list,
            "answer_key": _answer_key, "faq": _faq}
 
 
 def world_documents_typed(seed=0, copies=DEFAULT_COPIES):
-    """[(type, text)] with type in passage/quiz/forum/questions/answer_key/faq, shuffled. Same seed ->
-    same output byte for byte (only random.Random(seed) draws, tables in file order)."""
+    """[(type, text)] with type in passage/quiz/forum/questions/answer_key/faq/code, shuffled. Same
+    seed -> same output byte for byte (only random.Random draws, tables in file order)."""
     rng = random.Random(seed)
     facts = load_facts()
     docs = []
@@ -466,6 +473,9 @@ def world_documents_typed(seed=0, copies=DEFAULT_COPIES):
             docs += [("passage", _passage(rng, table, row)) for row in facts[table]]
         for kind, n in _PER_COPY.items():
             docs += [(kind, _MAKERS[kind](rng, facts)) for _ in range(n)]
+    # the code draws from its own generator: the prose stays the same text as without it
+    docs += [("code", text) for text in code.code_documents(random.Random(f"code:{seed}"),
+                                                            CODE_PER_COPY * copies)]
     rng.shuffle(docs)
     return docs
 
