@@ -230,7 +230,10 @@ def code_shaped(language, completion, ended=False):
 def evaluate_code(model, tok, chat=False, max_new=80, examples=2):
     """data/code.EVAL_SIGNATURES, which no document of the world contains, each continued greedily
     (a base model: as plain text; chat=True: sent as a user message, for an instruct model):
-    the share of continuations that are code (code_shaped), per language."""
+    the share of continuations that are code (code_shaped), per language. As text, a signature
+    ends with its newline: the tokenizer writes " {\n" and "):\n" as one token each, so a
+    signature cut before the newline ends on a token that in the corpus only opens an object
+    literal or a slice (README, "Code completion")."""
     training, result = model.training, {}
     model.eval()
     end = tok.special("<|end|>")
@@ -239,16 +242,17 @@ def evaluate_code(model, tok, chat=False, max_new=80, examples=2):
             prompts = [tok.render_chat([{"role": "user", "content": s}], for_completion=True)[0]
                        for s in signatures]
         else:
-            prompts = [[tok.eot_id] + tok.encode(s) for s in signatures]
+            prompts = [[tok.eot_id] + tok.encode(s + "\n") for s in signatures]
         room = model.config.block_size - max(map(len, prompts))
         rows = model.generate(prompts, min(max_new, room), temperature=0.0, pad_id=tok.pad_id,
                               stop_ids=[tok.eot_id, end])
         texts = [tok.decode([t for t in r if t not in (tok.eot_id, end)]) for r in rows]
         ended = [bool(r) and r[-1] in (tok.eot_id, end) for r in rows]
-        shaped = [code_shaped(language, t, e) for t, e in zip(texts, ended)]
+        shaped = [code_shaped(language, t if chat else "\n" + t, e) for t, e in zip(texts, ended)]
         result[f"code_shaped_rate_{language}"] = sum(shaped) / len(shaped)
-        result[f"code_examples_{language}"] = [{"signature": s, "continuation": t} for s, t in
-                                               zip(signatures[:examples], texts[:examples])]
+        result[f"code_examples_{language}"] = [
+            {"prompt": s if chat else s + "\n", "continuation": t}
+            for s, t in zip(signatures[:examples], texts[:examples])]
     result["code_n"] = sum(map(len, code.EVAL_SIGNATURES.values()))
     model.train(training)
     return result

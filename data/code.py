@@ -7,7 +7,6 @@ pattern is in its data. EVAL_SIGNATURES are signatures no generated file contain
 are never written here), so the base model's code evaluation (evaluation.evaluate_code) asks for
 functions it has not seen.
 """
-import random
 import re
 
 # One everyday task per row: (verbs, nouns, parameter choices, comment, JavaScript body, Python
@@ -21,7 +20,8 @@ TASKS = [
     (["calculate", "compute", "get"], ["tax", "sales tax"], [["amount", "rate"], ["price", "rate"]],
      "the tax on $0 at the given rate",
      ["return $0 * $1;"], ["return $0 * $1"], {}),
-    (["apply", "calculate"], ["discount", "sale price"], [["price", "percent"], ["total", "percent"]],
+    (["apply", "calculate"], ["discount", "sale price"],
+     [["price", "percent"], ["total", "percent"]],
      "$0 after a discount of $1 percent",
      ["return $0 * (1 - $1 / 100);"], ["return $0 * (1 - $1 / 100)"], {}),
     (["calculate", "get", "compute"], ["tip", "service charge"], [["bill"], ["amount"]],
@@ -67,7 +67,8 @@ TASKS = [
     (["reverse"], ["string", "text"], [["text"], ["s"]], "$0 backwards",
      ["return $0.split(\"\").reverse().join(\"\");"], ["return $0[::-1]"], {}),
     (["is"], ["palindrome"], [["word"], ["text"]], "true when $0 reads the same backwards",
-     ["const clean = $0.toLowerCase();", "return clean === clean.split(\"\").reverse().join(\"\");"],
+     ["const clean = $0.toLowerCase();",
+      "return clean === clean.split(\"\").reverse().join(\"\");"],
      ["clean = $0.lower()", "return clean == clean[::-1]"], {}),
     (["truncate", "shorten"], ["", "text"], [["text", "maxLength"], ["s", "limit"]],
      "$0 cut to $1 characters",
@@ -169,7 +170,8 @@ def source_file(rng, language):
         head = rng.choice(["", "# helpers.py\n\n", "# utils.py: small helpers\n\n",
                            "\"\"\"Everyday helpers.\"\"\"\n\n"])
         return head + "\n\n\n".join(funcs) + "\n"
-    head = rng.choice(["", "// utils.js\n\n", "// helpers.js: small helpers\n\n", "\"use strict\";\n\n"])
+    head = rng.choice(["", "// utils.js\n\n", "// helpers.js: small helpers\n\n",
+                       "\"use strict\";\n\n"])
     names = [f.split("function ", 1)[1].split("(", 1)[0] for f in funcs]
     tail = rng.choice(["", f"\n\nmodule.exports = {{ {', '.join(names)} }};"])
     return head + "\n\n".join(funcs) + tail + "\n"

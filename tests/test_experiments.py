@@ -1,9 +1,14 @@
-"""Tests for experiments/: best-of-n's bookkeeping on real samples, and one-line errors."""
+"""Tests for experiments/: best-of-n's bookkeeping on real samples, the domain-expert run end to
+end with the tiny models (same batches for every start, its scores), and one-line errors."""
+import csv
+import json
 import math
 
 import pytest
+import torch
 
-from experiments import overoptimization, sycophancy
+from data import world
+from experiments import domain_expert, overoptimization, sycophancy
 
 
 def test_best_of_n_keeps_the_proxys_favourite_and_the_kl_bound(tiny_sft, tiny_reward):
@@ -29,3 +34,74 @@ def test_bad_input_gets_one_line(script, args, message, tmp_path, capsys):
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_domain_expert_runs_every_start_on_the_same_batches(tiny_base, tiny_sft, tmp_path):
+    out = tmp_path / "de"
+    domain_expert.main(["--preset", "tiny", "--base", tiny_base, "--sft", tiny_sft, "--ppo",
+                        str(tmp_path / "none"), "--out-dir", str(out), "--device", "cpu"])
+    with open(out / "curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    starts = {r["start"] for r in rows}
+    assert {"base", "sft"} <= starts and "ppo" not in starts
+    for start in {"base", "sft"}:
+        assert sorted({int(r["step"]) for r in rows if r["start"] == start}) == [0, 2, 4]
+    assert all(0 <= float(r[k]) <= 1 for r in rows for k in ("exact", "execution", "chatty"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and set(summary["final"]) == starts
+    assert (out / "table.md").read_text().count("\n") == len(starts) + 2
+    a = domain_expert.parse_args(["--preset", "tiny"])
+    examples = [([1, 2, 3], [-1, 2, 3]), ([4, 5], [-1, 5])]
+    runs = [list(domain_expert.batches(examples, a, domain_expert.PRESETS["tiny"], 0, "cpu"))
+            for _ in range(2)]
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(*runs))
+
+
+def test_domain_expert_scores():
+    facts = world.load_facts()
+    item = ("What is the capital of France?", 'countries | name = "France" | pick capital',
+            ["Paris"])
+    other_right = 'countries | capital = "Paris" | pick capital'
+    got = domain_expert.score([(' countries | name = "France" | pick capital', False),
+                               (other_right, False), ("The capital of France is Paris.", False),
+                               ('countries | name = "France" | pick capitol', True)],
+                              [item] * 4, facts)
+    assert got == {"exact": 0.25, "execution": 0.5, "chatty": 0.5}
+    assert domain_expert.score([(other_right, True)], [item], facts, count_end=False)["chatty"] == 0
+
+
+@pytest.mark.parametrize("write,flag,message", [
+    ('{"question": "q", "query": "countries | count"}\nnot json\n', "--pairs", "pairs.jsonl:2: "
+     'expected {"question": ..., "query": ...}'),
+    ('{"question": "q", "query": "countries | pick capitol"}\n', "--pairs",
+     "pairs.jsonl:1: query: column 18: expected a field of countries"),
+    ("Write queries.\nExamples:\ncountries | count\nplanets | count\n", "--spec",
+     "pairs.jsonl:4: column 1: no table 'planets'"),
+    ("Write queries.\n", "--spec", "pairs.jsonl: no 'Examples:' line"),
+])
+def test_domain_expert_bad_files_get_one_line(tiny_base, tiny_sft, tmp_path, capsys, write, flag,
+                                              message):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(write)
+    with pytest.raises(SystemExit):
+        domain_expert.main(["--preset", "tiny", "--base", tiny_base, "--sft", tiny_sft, flag,
+                            str(path), "--out-dir", str(tmp_path / "x"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_domain_expert_refuses_starts_of_two_tokenizers(tiny_sft, tmp_path, capsys):
+    import pretrain
+    from data import prepare
+    (tmp_path / "t.txt").write_text("a completely different corpus " * 2000)
+    prepare.prepare(str(tmp_path / "data"), inputs=[str(tmp_path / "t.txt")], vocab_size=300,
+                    quiet=True)
+    base = str(tmp_path / "base")
+    pretrain.main(["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--data",
+                   str(tmp_path / "data"), "--out-dir", base, "--steps", "2"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        domain_expert.main(["--preset", "tiny", "--base", base, "--sft", tiny_sft,
+                            "--out-dir", str(tmp_path / "x"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert f"--sft {tiny_sft} has another tokenizer than --base" in err, err
