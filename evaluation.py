@@ -192,8 +192,8 @@ _PROSE = re.compile(r"^[A-Za-z][A-Za-z',-]*( [A-Za-z0-9',-]+){3,}[.?!]$")  # a s
 
 
 def function_body(language, completion, ended):
-    """The body a completion gives a signature: JavaScript up to the brace that closes it, Python
-    up to the first line back at column 0; the whole completion if the document `ended` there;
+    """The body a completion gives a signature: JavaScript up to the brace that closes it;
+    Python up to the first line back at column 0, or all of it if the document `ended` there.
     None if the function never ends."""
     if language == "javascript":
         depth = 1
@@ -201,11 +201,11 @@ def function_body(language, completion, ended):
             depth += (ch == "{") - (ch == "}")
             if depth == 0:
                 return completion[:i]
-    else:
-        lines = completion.split("\n")
-        for i, line in enumerate(lines[1:], 1):
-            if line.strip() and not line[0].isspace():
-                return "\n".join(lines[:i])
+        return None
+    lines = completion.split("\n")
+    for i, line in enumerate(lines[1:], 1):
+        if line.strip() and not line[0].isspace():
+            return "\n".join(lines[:i])
     return completion if ended else None
 
 

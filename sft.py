@@ -359,7 +359,7 @@ def final_evaluation(a, s, model, tok, sizes, step, val, device):
         base, _, _ = load_checkpoint(s.init_from, ["base"], device, flag="--init-from")
         result["base_on_same_prompts"] = evaluate_base_on_chat_prompts(
             base, tok, chats.eval_prompts("heldout"))
-        result["code_as_chat"] = evaluate_code(model, tok, chat=True)  # the base model's prompts
+        result["code_as_chat"] = evaluate_code(model, tok, chat=True)  # the signatures, as chat
         result["eval_seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(a.out_dir, "eval.json"), result)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))

@@ -14,14 +14,19 @@ A query starts with a table, then stages separated by "|", and ends with pick or
            elements (name, symbol, atomic_number, period, group, block, category, phase)
            us_states (name, abbreviation, capital, statehood_year)
   filter:  FIELD OP VALUE, several joined by ","  (OP: = != < > <= >=; VALUE: "text" or a number;
-           < > <= >= only on number fields)
-  order:   top N by FIELD (largest first) | bottom N by FIELD (smallest first)
+           < > <= >= only on number fields; a row with no value for FIELD never passes)
+  order:   top N by FIELD (largest first) | bottom N by FIELD (smallest first); one, after
+           the filters
   end:     pick FIELD, FIELD ...  (the values, in table order unless ordered) | count
 Examples:
-  countries | name = "France" | pick capital
-  elements | period = 2, category = "noble gas" | pick name
-  countries | continent = "Europe" | top 3 by population | pick name
-  us_states | statehood_year < 1800 | count"""
+  Q: What is the capital of France?
+  Query: countries | name = "France" | pick capital
+  Q: Which noble gases are in period 2?
+  Query: elements | period = 2, category = "noble gas" | pick name
+  Q: What are the 3 most populous countries in Europe?
+  Query: countries | continent = "Europe" | top 3 by population | pick name
+  Q: How many states joined the union before 1800?
+  Query: us_states | statehood_year < 1800 | count"""
 __doc__ += "\n" + SPEC + "\n"
 
 FIELDS = {"countries": ["name", "capital", "continent", "subregion", "currency", "language",
@@ -63,6 +68,13 @@ class _Parser:
     def peek(self):
         return self.toks[self.i] if self.i < len(self.toks) else ("end", None, None)
 
+    def accept(self, kind, value):
+        """Step over the next token if it is this kind and value (a keyword, a comma)."""
+        if self.peek()[:2] == (kind, value):
+            self.i += 1
+            return True
+        return False
+
     def take(self, kind, value=None, expected=None):
         tok = self.peek()
         if tok[0] != kind or (value is not None and tok[1] != value):
@@ -90,22 +102,23 @@ def parse(text):
     query = {"table": table, "filters": [], "order": None, "pick": None}
     while True:
         p.take("op", "|", expected='"|" and a stage')
-        word = p.peek()[1]
-        if word == "count":
-            p.i += 1
+        col = p.peek()[2]
+        if p.accept("word", "count"):
             break
-        if word == "pick":
-            p.i += 1
+        if p.accept("word", "pick"):
             query["pick"] = [p.field(table)]
-            while p.peek()[1] == ",":
-                p.i += 1
+            while p.accept("op", ","):
                 query["pick"].append(p.field(table))
             break
-        if word in ("top", "bottom"):
-            p.i += 1
+        if query["order"]:  # stages run in the order written: filters, then one order
+            raise QueryError(f"column {col}: after top/bottom only pick or count may follow")
+        top = p.accept("word", "top")
+        if top or p.accept("word", "bottom"):
             n = p.take("number", expected="how many (a number)")
+            if n < 1:
+                raise QueryError(f"column {col}: top/bottom needs at least 1 row, got {n}")
             p.take("word", "by")
-            query["order"] = (_number_field(p, table), word == "top", n)
+            query["order"] = (_number_field(p, table), top, n)
         else:
             query["filters"] += _conditions(p, table)
     p.take("end", expected="the end of the query after pick or count")
@@ -136,9 +149,8 @@ def _conditions(p, table):
             what = "a number" if name in NUMBERS else '"text" with = or !='
             raise QueryError(f"column {col}: {name} takes {what}")
         conds.append((name, op, value))
-        if p.peek()[1] != ",":
+        if not p.accept("op", ","):
             return conds
-        p.i += 1
 
 
 def execute(query, facts=None):
@@ -146,9 +158,7 @@ def execute(query, facts=None):
     field), of tuples (several), or a count."""
     if isinstance(query, str):
         query = parse(query)
-    rows = (facts or world.load_facts())[query["table"]]
-    rows = [r for r in rows if all(r[f] is not None and OPS[op](r[f], v)
-                                   for f, op, v in query["filters"])]
+    rows = _where((facts or world.load_facts())[query["table"]], query["filters"])
     if query["order"]:
         field, descending, n = query["order"]
         rows = sorted((r for r in rows if r[field] is not None), key=lambda r: r[field],
@@ -185,18 +195,19 @@ REVERSE = [("elements", "symbol", ["Which element has the symbol {V}?"]),
 
 def _q(table, filters=(), order=None, pick=None):
     """A query's text from its parts (the one place the generator writes queries)."""
-    stages = [", ".join(f'{f} {op} {json_value(v)}' for f, op, v in filters)] if filters else []
+    stages = [", ".join(f'{f} {op} {literal(v)}' for f, op, v in filters)] if filters else []
     if order:
         stages.append(f"{'top' if order[1] else 'bottom'} {order[2]} by {order[0]}")
     stages.append(f"pick {', '.join(pick)}" if pick else "count")
     return " | ".join([table] + stages)
 
 
-def json_value(v):
+def literal(v):
     return str(v) if isinstance(v, int) else f'"{v}"'
 
 
 def _where(rows, filters):
+    """The rows that pass every filter (a missing value passes none)."""
     return [r for r in rows if all(r[f] is not None and OPS[op](r[f], v) for f, op, v in filters)]
 
 
@@ -221,59 +232,64 @@ def entity_items(facts, heldout):
 
 
 def aggregate_items(facts, shapes):
-    """(question, query, answer) that count, list or rank rows, for the named shapes."""
+    """(question, query, answer) that count, list or rank rows, for the named shapes; each answer
+    computed here from the tables, apart from the interpreter."""
     countries, elements = facts["countries"], facts["elements"]
     continents = sorted({r["continent"] for r in countries})
     categories = sorted({r["category"] for r in elements})
-    make = {
-        "count": lambda: [
-            (f"How many countries are in {c}?", [("continent", "=", c)], "countries", None)
-            for c in continents] + [
-            (f"How many elements are classed as {c}?", [("category", "=", c)], "elements", None)
-            for c in categories] + [
-            (f"How many states joined the union before {y}?", [("statehood_year", "<", y)],
-             "us_states", None) for y in range(1790, 1960, 10)] + [
-            (f"How many elements have an atomic number above {n}?", [("atomic_number", ">", n)],
-             "elements", None) for n in range(10, 115, 15)],
-        "list": lambda: [
-            (f"Which elements are in period {p}?", [("period", "=", p)], "elements", ["name"])
-            for p in range(1, 8)] + [
-            (f"Which states joined the union after {y}?", [("statehood_year", ">", y)],
-             "us_states", ["name"]) for y in range(1850, 1960, 10)] + [
-            (f"Which countries are in {s}?", [("subregion", "=", s)], "countries", ["name"])
-            for s in sorted({r["subregion"] for r in countries})],
-        "two_filters": lambda: [
-            (f"Which {c} elements are in period {p}?", [("category", "=", c), ("period", "=", p)],
-             "elements", ["name"]) for c in categories for p in range(1, 8)
-            if _where(elements, [("category", "=", c), ("period", "=", p)])] + [
-            (f"How many countries in {c} have more than {n} million people?",
-             [("continent", "=", c), ("population", ">", n * 10 ** 6)], "countries", None)
-            for c in continents for n in (10, 50)],
-    }
-    ranked = {
-        "top": [(f"What are the {n} most populous countries in {c}?", c, True, n)
+    # shape: [(question, table, filters, order (field, largest first, n) or None, pick or None)]
+    templates = {
+        "count": [(f"How many countries are in {c}?", "countries", [("continent", "=", c)],
+                   None, None) for c in continents]
+        + [(f"How many elements are classed as {c}?", "elements", [("category", "=", c)],
+            None, None) for c in categories]
+        + [(f"How many states joined the union before {y}?", "us_states",
+            [("statehood_year", "<", y)], None, None) for y in range(1790, 1960, 10)]
+        + [(f"How many elements have an atomic number above {n}?", "elements",
+            [("atomic_number", ">", n)], None, None) for n in range(10, 115, 15)],
+        "list": [(f"Which elements are in period {p}?", "elements", [("period", "=", p)], None,
+                  ["name"]) for p in range(1, 8)]
+        + [(f"Which states joined the union after {y}?", "us_states",
+            [("statehood_year", ">", y)], None, ["name"]) for y in range(1850, 1960, 10)]
+        + [(f"Which countries are in {r}?", "countries", [("subregion", "=", r)], None, ["name"])
+           for r in sorted({r["subregion"] for r in countries})],
+        "top": [(f"What are the {n} most populous countries in {c}?", "countries",
+                 [("continent", "=", c)], ("population", True, n), ["name"])
                 for c in continents for n in (2, 3, 5)],
-        "bottom": [(f"What are the {n} least populous countries in {c}?", c, False, n)
+        # the two constructs of the held-out shapes, taught on the other tables
+        "ranked_elsewhere": [(f"Which {n} states joined the union first?", "us_states", [],
+                              ("statehood_year", False, n), ["name"]) for n in (2, 3, 5)]
+        + [(f"Which {n} elements of period {p} have the lowest atomic numbers?", "elements",
+            [("period", "=", p)], ("atomic_number", False, n), ["name"])
+           for p in range(2, 8) for n in (2, 3)],
+        "range": [(f"How many states joined the union between {a} and {a + d}?", "us_states",
+                   [("statehood_year", ">", a), ("statehood_year", "<", a + d)], None, None)
+                  for a in range(1780, 1960, 20) for d in (20, 40)],
+        # held out: bottom on countries, two conditions on elements and on countries
+        "bottom": [(f"What are the {n} least populous countries in {c}?", "countries",
+                    [("continent", "=", c)], ("population", False, n), ["name"])
                    for c in continents for n in (2, 3)],
+        "two_filters": [(f"Which {c} elements are in period {p}?", "elements",
+                         [("category", "=", c), ("period", "=", p)], None, ["name"])
+                        for c in categories for p in range(1, 8)
+                        if _where(elements, [("category", "=", c), ("period", "=", p)])]
+        + [(f"How many countries in {c} have more than {n} million people?", "countries",
+            [("continent", "=", c), ("population", ">", n * 10 ** 6)], None, None)
+           for c in continents for n in (10, 50)],
     }
     items = []
     for shape in shapes:
-        if shape in make:
-            for question, filters, table, pick in make[shape]():
-                rows = _where(facts[table], filters)
-                items.append((question, _q(table, filters, pick=pick),
-                              [r["name"] for r in rows] if pick else len(rows)))
-        for question, continent, descending, n in ranked.get(shape, []):
-            rows = sorted(_where(countries, [("continent", "=", continent)]),
-                          key=lambda r: r["population"], reverse=descending)[:n]
-            items.append((question, _q("countries", [("continent", "=", continent)],
-                                       ("population", descending, n), ["name"]),
-                          [r["name"] for r in rows]))
+        for question, table, filters, order, pick in templates[shape]:
+            rows = _where(facts[table], filters)
+            if order:
+                rows = sorted(rows, key=lambda r: r[order[0]], reverse=order[1])[:order[2]]
+            items.append((question, _q(table, filters, order, pick),
+                          [r["name"] for r in rows] if pick else len(rows)))
     return items
 
 
-TRAIN_SHAPES = ("count", "list", "top")
-HELDOUT_SHAPES = ("bottom", "two_filters")  # never in the training pairs
+TRAIN_SHAPES = ("count", "list", "top", "ranked_elsewhere", "range")
+HELDOUT_SHAPES = ("bottom", "two_filters")  # their constructs are trained, on other tables
 
 
 def query_pairs(split="train", seed=0):

@@ -10,14 +10,17 @@ name`. Each start (the base, SFT and PPO models) is fine-tuned on the same (ques
 pairs in plain text, "Q: <question>\\nQuery: <query>\\n" with the loss on the query and its
 newline: the same steps, learning rate, batches and seed. At each of the evaluation steps it
 answers the held-out questions (held-out entities, and question shapes the training pairs never
-show) greedily, scored three ways:
+show; and, for reference, questions it was fine-tuned on) greedily, scored three ways:
   exact      the query exactly as data/query.py writes it (spaces aside)
   execution  the query runs and returns the right answer (any correct query counts)
   chatty     the answer has an assistant's habits: it is not a query at all (a sentence, a
              refusal), or it holds filler or flattery, or it ends a turn with <|end|>
-The fourth start is the "wrapper": the instruct model with no fine-tuning, asked in chat with a
-system prompt that explains the language (data/query.SPEC, or only its examples where the
-context is too short for it; --spec FILE to give your own), its <|end|> not counted as chatty.
+The SFT model is also fine-tuned as chat (the question a user turn, the query the assistant's
+reply): the form in which an instruct model is used. The last start is the "wrapper": the SFT
+model with no fine-tuning, asked in chat with a system prompt that explains the language
+(data/query.SPEC, or only some of its question/query examples where the context is too short
+for it; --spec FILE to give your own). In chat, <|end|> is not counted as chatty, and the first
+line that parses as a query is the answer.
 Writes curves.csv (start, step, split, exact, execution, chatty), curves.png, table.md and
 summary.json under --out-dir.
 """
@@ -89,18 +92,18 @@ def read_pairs(path):
 
 
 def read_spec(path):
-    """A system prompt whose lines after 'Examples:' all parse as queries."""
+    """A system prompt whose example queries (its lines "Query: ...") all parse."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if "Examples:" not in text:
-        raise UserError(f"{path}: no 'Examples:' line (the wrapper is shown examples)")
-    first = text[:text.index("Examples:")].count("\n") + 2
-    for n, line in enumerate(text.split("Examples:", 1)[1].splitlines()[1:], first):
-        if line.strip():
-            try:
-                query.parse(line)
-            except query.QueryError as e:
-                raise UserError(f"{path}:{n}: {e}") from None
+    shown = [(n, line.split("Query:", 1)[1].strip()) for n, line in enumerate(text.splitlines(), 1)
+             if line.strip().startswith("Query:")]
+    if not shown:
+        raise UserError(f"{path}: no 'Query: ...' line (the wrapper is shown examples)")
+    for n, example in shown:
+        try:
+            query.parse(example)
+        except query.QueryError as e:
+            raise UserError(f"{path}:{n}: {e}") from None
     return text
 
 
@@ -121,13 +124,24 @@ def load_starts(a, device):
     return starts
 
 
-def encode_pairs(tok, pairs, block_size):
-    """Each pair as (ids, targets): "Q: ...\\nQuery: " then the query and a newline, which is
-    where the loss is taken (-1 elsewhere)."""
+def prompt_ids(tok, question, chat, system=None):
+    """What a model reads before its query: "Q: <question>\nQuery:" as plain text, or the
+    question as a user turn of the chat format (with a system prompt, for the wrapper)."""
+    if not chat:
+        return [tok.eot_id] + tok.encode(f"Q: {question}\nQuery:")
+    head = [{"role": "system", "content": system}] if system else []
+    return tok.render_chat(head + [{"role": "user", "content": question}],
+                           for_completion=True)[0]
+
+
+def encode_pairs(tok, pairs, block_size, chat):
+    """Each pair as (ids, targets), the loss on the query and what ends it (a newline as text,
+    <|end|> in chat), -1 elsewhere."""
     out = []
     for question, text in pairs:
-        prompt = [tok.eot_id] + tok.encode(f"Q: {question}\nQuery:")
-        answer = tok.encode(f" {text}\n")
+        prompt = prompt_ids(tok, question, chat)
+        answer = (tok.encode(text) + [tok.special("<|end|>")] if chat
+                  else tok.encode(f" {text}\n"))
         ids = (prompt + answer)[:block_size + 1]
         targets = [-1] * (len(prompt) - 1) + answer
         out.append((ids[:-1], targets[:len(ids) - 1]))
@@ -146,25 +160,28 @@ def batches(examples, a, settings, pad_id, device):
         yield ids, targets
 
 
-def is_chatty(text, turn_ended):
-    """An assistant's habits where a query is wanted."""
-    first = text.strip().split(" ", 1)[0]
-    return (first not in query.FIELDS or bool(teacher.FILLER.search(text.lower()))
-            or bool(teacher.FLATTERY.search(text.lower())) or turn_ended)
+def first_query(text):
+    """The first line of an answer that parses as a query (None: no query at all)."""
+    for line in text.split("\n"):
+        try:
+            query.parse(line)
+            return " ".join(line.split())
+        except query.QueryError:
+            continue
+    return None
 
 
 def score(answers, items, facts, count_end=True):
     """exact, execution and chatty rates of (text, turn ended) answers to (question, query,
-    answer) items."""
+    answer) items. Chatty: no line is a query (prose, a refusal), or filler or flattery, or
+    (count_end) the turn ended with <|end|>."""
     exact = execution = chatty = 0
     for (text, turn_ended), (_, gold, gold_answer) in zip(answers, items):
-        line = text.strip().split("\n")[0]
-        exact += " ".join(line.split()) == gold
-        try:
-            execution += query.execute(line, facts) == gold_answer
-        except query.QueryError:
-            pass
-        chatty += is_chatty(line, turn_ended and count_end)
+        line = first_query(text)
+        exact += line == gold
+        execution += line is not None and query.execute(line, facts) == gold_answer
+        chatty += (line is None or bool(teacher.FILLER.search(text.lower()))
+                   or bool(teacher.FLATTERY.search(text.lower())) or (turn_ended and count_end))
     n = len(items)
     return {"exact": exact / n, "execution": execution / n, "chatty": chatty / n}
 
@@ -182,47 +199,57 @@ def answers(model, tok, prompts, stop_ids):
             for r in rows]
 
 
-def evaluate(model, tok, heldout, facts, step):
-    """The held-out scores of a model prompted as in fine-tuning; an answer ends at its line."""
-    stops = [tok.eot_id, tok.special("<|end|>"), *tok.encode("\n")[-1:]]
+def examples(items, got, n=3):
+    return [{"question": q, "gold": gold, "answer": text} for (q, gold, _), (text, _) in
+            zip(items[:n], got[:n])]
+
+
+def evaluate(model, tok, heldout, facts, step, chat):
+    """The held-out scores of a model prompted as it is fine-tuned (a text answer ends at its
+    line, a chat answer at <|end|>)."""
+    stops = [tok.eot_id, tok.special("<|end|>")] + ([] if chat else newline_ids(tok))
     out = []
     for split, items in heldout.items():
-        prompts = [[tok.eot_id] + tok.encode(f"Q: {q}\nQuery:") for q, _, _ in items]
-        got = answers(model, tok, prompts, stops)
-        out.append({"step": step, "split": split, **score(got, items, facts)})
+        got = answers(model, tok, [prompt_ids(tok, q, chat) for q, _, _ in items], stops)
+        out.append({"step": step, "split": split, **score(got, items, facts, count_end=not chat),
+                    "examples": examples(items, got)})
     return out
 
 
-def fine_tune(name, model, tok, examples, heldout, facts, a, settings, device):
+def newline_ids(tok):
+    """Every token whose text holds a newline ("\n", "\n\n", ".\n" ...)."""
+    return [t for t in range(tok.n_vocab) if "\n" in tok.decode([t])]
+
+
+def fine_tune(name, model, tok, pairs, heldout, facts, a, settings, device, chat=False):
     """The curve of one start: its held-out scores at each evaluation step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-    curve = evaluate(model, tok, heldout, facts, 0) if 0 in settings["eval_at"] else []
-    for step, (ids, targets) in enumerate(batches(examples, a, settings, tok.pad_id, device), 1):
+    data = encode_pairs(tok, pairs, model.config.block_size, chat)
+    curve = evaluate(model, tok, heldout, facts, 0, chat) if 0 in settings["eval_at"] else []
+    for step, (ids, targets) in enumerate(batches(data, a, settings, tok.pad_id, device), 1):
         _, loss = model(ids, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step in settings["eval_at"]:
-            curve += evaluate(model, tok, heldout, facts, step)
+            curve += evaluate(model, tok, heldout, facts, step, chat)
             print(f"{name} step {step}: loss {loss.item():.3f}, " + ", ".join(
                 f"{r['split']} execution {r['execution']:.1%}" for r in curve[-len(heldout):]),
                 flush=True)
     return [{"start": name, **row} for row in curve]
 
 
-def wrapper_system(a, tok, heldout, block_size):
-    """The wrapper's system prompt: --spec, else the whole SPEC, else fewer and fewer of its
-    examples, the first that leaves an answer room for MAX_NEW tokens in the context (None if
-    none does)."""
-    if a.spec:
-        choices = [read_spec(a.spec)]
-    else:
-        examples = query.SPEC.split("Examples:\n")[1].splitlines()
-        choices = [query.SPEC] + ["Reply with the query only. Examples:\n" + "\n".join(examples[:k])
-                                  for k in range(len(examples), 0, -1)]
+def wrapper_system(spec, tok, heldout, block_size):
+    """The wrapper's system prompt: the spec (--spec or data/query.SPEC), else an instruction
+    with fewer and fewer of the spec's question/query examples: the first that leaves room for
+    a question and MAX_NEW tokens of answer in the context (None if none does)."""
+    shown = [line.strip() for line in spec.splitlines()
+             if line.strip().startswith(("Q:", "Query:"))]
+    choices = [spec] + ["Write the query for the question. Examples:\n" + "\n".join(shown[:k])
+                        for k in range(len(shown) - len(shown) % 2, 0, -2)]
     questions = [q for items in heldout.values() for q, _, _ in items]
     for system in choices:
-        longest = max(len(chat_prompt(tok, system, q)) for q in questions)
+        longest = max(len(prompt_ids(tok, q, True, system)) for q in questions)
         if longest + MAX_NEW <= block_size:
             return system
     print(f"note: the wrapper's system prompt leaves no room for a question and {MAX_NEW} tokens "
@@ -230,63 +257,67 @@ def wrapper_system(a, tok, heldout, block_size):
     return None
 
 
-def chat_prompt(tok, system, question):
-    return tok.render_chat([{"role": "system", "content": system},
-                            {"role": "user", "content": question}], for_completion=True)[0]
-
-
 def wrapper(model, tok, system, heldout, facts, eval_at):
-    """The instruct model with no fine-tuning, asked in chat: the same scores at every step."""
+    """The instruct model with no fine-tuning, asked in chat: the same scores at every step. Its
+    <|end|> is the chat format's, not a habit; its query may follow a line of prose."""
     rows = []
     for split, items in heldout.items():
-        prompts = [chat_prompt(tok, system, q) for q, _, _ in items]
+        prompts = [prompt_ids(tok, q, True, system) for q, _, _ in items]
         got = answers(model, tok, prompts, [tok.eot_id, tok.special("<|end|>")])
         rows += [{"start": "sft, prompted (wrapper)", "step": step, "split": split,
-                  **score(got, items, facts, count_end=False)} for step in eval_at]
+                  **score(got, items, facts, count_end=False), "examples": examples(items, got)}
+                 for step in eval_at]
     return rows
 
 
 def run(a):
     settings = PRESETS[a.preset]
+    pairs = read_pairs(a.pairs) if a.pairs else [(q, t) for q, t, _ in query.query_pairs("train")]
+    spec = read_spec(a.spec) if a.spec else query.SPEC
     device = pick_device(a.device)
     starts = load_starts(a, device)
     tok = next(iter(starts.values()))[1]
-    block_size = min(model.config.block_size for model, _ in starts.values())
     facts = world.load_facts()
-    pairs = read_pairs(a.pairs) if a.pairs else [(q, t) for q, t, _ in query.query_pairs("train")]
     heldout = {split: query.query_pairs(split)[:settings["heldout"]]
                for split in ("heldout_entities", "heldout_shapes")}
-    system = wrapper_system(a, tok, heldout, block_size)
+    if not a.pairs:  # for reference: questions it was fine-tuned on (has it learnt them?)
+        heldout["seen"] = query.query_pairs("train")[:settings["heldout"]]
+    sft_model = starts["sft"][0]
+    system = wrapper_system(spec, tok, heldout, sft_model.config.block_size)
     os.makedirs(a.out_dir, exist_ok=True)
-    curves = (wrapper(starts["sft"][0], tok, system, heldout, facts, settings["eval_at"])
-              if system else [])
-    examples = encode_pairs(tok, pairs, block_size)
-    for name, (model, _) in starts.items():  # the wrapper first: this changes the models
-        curves += fine_tune(name, model, tok, examples, heldout, facts, a, settings, device)
+    curves = (wrapper(sft_model, tok, system, heldout, facts, settings["eval_at"])
+              if system else [])  # first: fine-tuning changes the models
+    runs = [(name, model, False) for name, (model, _) in starts.items()]
+    runs.append(("sft, fine-tuned as chat", load_checkpoint(a.sft, ["sft"], device, "--sft")[0],
+                 True))
+    for name, model, chat in runs:
+        curves += fine_tune(name, model, tok, pairs, heldout, facts, a, settings, device, chat)
     write_results(a, settings, curves, system, len(pairs))
 
 
 def write_results(a, settings, curves, system, n_pairs):
     columns = ["start", "step", "split", "exact", "execution", "chatty"]
     with open(os.path.join(a.out_dir, "curves.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(curves)
     last = [r for r in curves if r["step"] == settings["steps"]]
     final = {}
     for r in last:
-        final.setdefault(r["start"], {})[r["split"]] = {k: r[k] for k in columns[3:]}
+        final.setdefault(r["start"], {})[r["split"]] = {k: r[k] for k in columns[3:] +
+                                                        ["examples"]}
     write_json(os.path.join(a.out_dir, "summary.json"), {
         "preset": a.preset, "steps": settings["steps"], "lr": a.lr, "seed": a.seed,
         "training_pairs": n_pairs, "heldout_per_split": settings["heldout"],
         "wrapper_system_prompt": system, "final": final})
-    lines = ["| start | held-out entities: execution / exact | new shapes: execution / exact "
-             "| chatty |", "|---|---|---|---|"]
+    splits = [s for s in ("seen", "heldout_entities", "heldout_shapes")
+              if any(r["split"] == s for r in last)]
+    lines = ["| start | " + " | ".join(f"{s}: execution / exact" for s in splits)
+             + " | chatty (held out) |", "|---" * (len(splits) + 2) + "|"]
     for start, by_split in final.items():
-        e, s = by_split["heldout_entities"], by_split["heldout_shapes"]
-        lines.append(f"| {start} | {e['execution']:.1%} / {e['exact']:.1%} | "
-                     f"{s['execution']:.1%} / {s['exact']:.1%} | "
-                     f"{(e['chatty'] + s['chatty']) / 2:.1%} |")
+        cells = [f"{by_split[s]['execution']:.1%} / {by_split[s]['exact']:.1%}" for s in splits]
+        chatty = (by_split["heldout_entities"]["chatty"] + by_split["heldout_shapes"]["chatty"]) / 2
+        lines.append(f"| {start} | " + " | ".join(cells) + f" | {chatty:.1%} |")
     with open(os.path.join(a.out_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -301,14 +332,18 @@ def plot(out_dir, curves):
     except ImportError:
         print("note: matplotlib is not installed: curves.csv only (pip install matplotlib)")
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = [("heldout_entities", "execution", "held-out entities: query runs right"),
-              ("heldout_shapes", "execution", "new question shapes: query runs right"),
-              (None, "chatty", "chatty answers (both sets)")]
-    for ax, (split, key, title) in zip(axes, panels):
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
+    held_out = ("heldout_entities", "heldout_shapes")
+    panels = [(("seen",), "exact", "questions fine-tuned on: exact query"),
+              (held_out[:1], "exact", "held-out entities: exact query"),
+              (held_out[1:], "execution", "new question shapes: query runs right"),
+              (held_out, "chatty", "chatty answers (held out)")]
+    for ax, (splits, key, title) in zip(axes, panels):
         for start in dict.fromkeys(r["start"] for r in curves):
-            rows = [r for r in curves if r["start"] == start and split in (None, r["split"])]
+            rows = [r for r in curves if r["start"] == start and r["split"] in splits]
             steps = sorted({r["step"] for r in rows})
+            if not steps:
+                continue
             values = [sum(r[key] for r in rows if r["step"] == s) /
                       sum(1 for r in rows if r["step"] == s) for s in steps]
             ax.plot(steps, values, marker="o", label=start)

@@ -75,9 +75,9 @@ def test_domain_expert_scores():
      'expected {"question": ..., "query": ...}'),
     ('{"question": "q", "query": "countries | pick capitol"}\n', "--pairs",
      "pairs.jsonl:1: query: column 18: expected a field of countries"),
-    ("Write queries.\nExamples:\ncountries | count\nplanets | count\n", "--spec",
+    ("Write queries.\nQ: How many?\nQuery: countries | count\nQuery: planets | count\n", "--spec",
      "pairs.jsonl:4: column 1: no table 'planets'"),
-    ("Write queries.\n", "--spec", "pairs.jsonl: no 'Examples:' line"),
+    ("Write queries.\n", "--spec", "pairs.jsonl: no 'Query: ...' line"),
 ])
 def test_domain_expert_bad_files_get_one_line(tiny_base, tiny_sft, tmp_path, capsys, write, flag,
                                               message):
@@ -105,3 +105,16 @@ def test_domain_expert_refuses_starts_of_two_tokenizers(tiny_sft, tmp_path, caps
                             "--out-dir", str(tmp_path / "x"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert f"--sft {tiny_sft} has another tokenizer than --base" in err, err
+
+
+def test_domain_expert_trains_on_the_query_and_its_end_only(tiny_sft):
+    from common import load_checkpoint
+    _, tok, _ = load_checkpoint(tiny_sft)
+    pair = ("What is the capital of France?", 'countries | name = "France" | pick capital')
+    for chat, end in ((False, "\n"), (True, "<|end|>")):
+        (ids, targets), = domain_expert.encode_pairs(tok, [pair], 128, chat)
+        assert len(ids) == len(targets)
+        trained = [t for t in targets if t != -1]
+        assert tok.decode(trained) == (" " if not chat else "") + pair[1] + end
+        first = targets.index(trained[0])  # the position that predicts the query's first token
+        assert tok.decode(ids[:first + 1]).endswith("Query:" if not chat else "<|assistant|>")

@@ -395,3 +395,25 @@ def test_a_short_context_skips_evaluation_prompts_it_cannot_hold(tmp_path):
                    "--eval-iters", "1", "--block-size", "24"])
     ev = json.loads((out / "eval.json").read_text())
     assert ev["zero_shot_n"] < 100 and ev["fewshot_capital_n"] == 0  # skipped, and counted
+
+
+def test_code_shaped_says_whether_a_continuation_is_a_function():
+    from evaluation import code_shaped
+    assert code_shaped("javascript", "\n  let t = 0;\n  return t;\n}\n\nfunction next() {")
+    assert not code_shaped("javascript", "\n  return t;\n", ended=True)  # never closed
+    assert not code_shaped("javascript", "\nThe capital of France is Paris.\n}")
+    assert not code_shaped("javascript", "\n  total = 1;\n}")  # returns nothing
+    assert code_shaped("python", "\n    '''Sum.'''\n    return 1\n\n\ndef g():")
+    assert code_shaped("python", "\n    return 1\n", ended=True)
+    assert not code_shaped("python", "\n  return 1\n\ndef g():")  # indented by 2
+    assert not code_shaped("python", "\n    return 1")  # the function never ends
+    assert not code_shaped("python", " What is the capital of France?\nWhat")
+
+
+def test_the_code_eval_signatures_are_never_in_the_corpus():
+    import random
+    from data import code
+    text = "\n".join(code.code_documents(random.Random("code:0"), 2000))
+    names = [s.split("(")[0].split()[-1] for sigs in code.EVAL_SIGNATURES.values() for s in sigs]
+    assert len(names) == 24 and not [n for n in names if n in text]
+    assert "function calculateTax(" in text or "def calculate_tax(" in text  # the article's

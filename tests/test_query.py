@@ -29,16 +29,22 @@ def test_the_splits_keep_entities_and_shapes_apart():
         return {re.search(r'name = "([^"]+)"', t).group(1) for _, t, _ in items if 'name = "' in t}
     assert named(SPLITS["train"]) and not named(SPLITS["train"]) & named(SPLITS["heldout_entities"])
     assert all(not world.is_heldout(name) for name in named(SPLITS["train"]))
-    def new_shape(text):  # ordering smallest first, or two conditions in one filter
-        return " bottom " in text or "," in text.split(" | ")[1]
-    assert not any(new_shape(t) for _, t, _ in SPLITS["train"])
-    assert all(new_shape(t) for _, t, _ in SPLITS["heldout_shapes"])
+    def shape(text):  # (table, ordered smallest first, several conditions)
+        q = query.parse(text)
+        return q["table"], bool(q["order"]) and not q["order"][1], len(q["filters"]) > 1
+    trained = {shape(t) for _, t, _ in SPLITS["train"]}
+    held_out = {shape(t) for _, t, _ in SPLITS["heldout_shapes"]}
+    assert not trained & held_out
+    # each held-out construct is taught, on another table
+    assert {("us_states", True, False), ("us_states", False, True)} <= trained
+    assert held_out == {("countries", True, False), ("elements", False, True),
+                        ("countries", False, True)}
     assert query.query_pairs("train") == SPLITS["train"]  # deterministic
 
 
 def test_the_spec_examples_run():
-    examples = [line.strip() for line in query.SPEC.split("Examples:")[1].splitlines()
-                if line.strip()]
+    examples = [line.split("Query:")[1].strip() for line in query.SPEC.splitlines()
+                if line.strip().startswith("Query:")]
     assert len(examples) == 4
     assert query.execute(examples[0], FACTS) == ["Paris"]
     assert query.execute(examples[1], FACTS) == ["Neon"]
@@ -70,6 +76,12 @@ def test_results_have_the_documented_forms():
     ('countries | name = "France | pick capital', "column 20: unexpected '\"France | pi'"),
     ('countries | name = France | pick capital', "expected a value"),
     ('', "the end: expected a table"),
+    ('countries | "count"', "column 13: expected a field of countries"),  # keywords are words
+    ('countries | pick name "," capital', "column 23: expected the end of the query"),
+    ('countries | top 0 by population | count', "column 13: top/bottom needs at least 1 row"),
+    ('countries | top 3 by population | continent = "Europe" | count',
+     "column 35: after top/bottom only pick or count may follow"),
+    ('countries | | count', "column 13: expected a field of countries"),
 ])
 def test_a_malformed_query_says_where_and_what(text, says):
     with pytest.raises(query.QueryError) as e:
