@@ -221,9 +221,10 @@ def code_shaped(language, completion, ended=False):
     indented = all(len(line) - len(line.lstrip(" ")) >= width and
                    (language != "python" or (len(line) - len(line.lstrip(" "))) % 4 == 0)
                    for line in lines)
-    code = [line.strip() for line in lines if not line.strip().startswith(("//", "#", "*", "/*"))]
-    return (indented and any(re.match(r"return\b", line) for line in code)
-            and not any(_PROSE.match(line) for line in code))
+    statements = [line.strip() for line in lines
+                  if not line.strip().startswith(("//", "#", "*", "/*"))]
+    return (indented and any(re.match(r"return\b", line) for line in statements)
+            and not any(_PROSE.match(line) for line in statements))
 
 
 @torch.no_grad()
