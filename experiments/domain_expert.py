@@ -10,17 +10,18 @@ name`. Each start (the base, SFT and PPO models) is fine-tuned on the same (ques
 pairs in plain text, "Q: <question>\\nQuery: <query>\\n" with the loss on the query and its
 newline: the same steps, learning rate, batches and seed. At each of the evaluation steps it
 answers the held-out questions (held-out entities, and question shapes the training pairs never
-show; and, for reference, questions it was fine-tuned on) greedily, scored three ways:
+show on their table; and, for reference, questions it was fine-tuned on) greedily. An answer's
+query is its first line that parses; it is scored three ways:
   exact      the query exactly as data/query.py writes it (spaces aside)
-  execution  the query runs and returns the right answer (any correct query counts)
+  execution  the query runs and returns the right answer (another query with the same result,
+             in the same order, counts too)
   chatty     the answer has an assistant's habits: it is not a query at all (a sentence, a
              refusal), or it holds filler or flattery, or it ends a turn with <|end|>
 The SFT model is also fine-tuned as chat (the question a user turn, the query the assistant's
 reply): the form in which an instruct model is used. The last start is the "wrapper": the SFT
 model with no fine-tuning, asked in chat with a system prompt that explains the language
 (data/query.SPEC, or only some of its question/query examples where the context is too short
-for it; --spec FILE to give your own). In chat, <|end|> is not counted as chatty, and the first
-line that parses as a query is the answer.
+for it; --spec FILE to give your own). In chat, <|end|> is not counted as chatty.
 Writes curves.csv (start, step, split, exact, execution, chatty), curves.png, table.md and
 summary.json under --out-dir.
 """
