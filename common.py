@@ -50,6 +50,14 @@ def die(msg):
     sys.exit(2)
 
 
+def run_or_die(run, args):
+    """run(args), where a UserError ends the command with its one line (the experiments)."""
+    try:
+        run(args)
+    except UserError as e:
+        die(str(e))
+
+
 # ----------------------------------------------------------------------------- settings
 def setting(default, why, parse=None):
     """A field of a stage's Settings: its default, one line of why (the flag's --help), and how

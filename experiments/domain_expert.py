@@ -32,7 +32,8 @@ import os
 
 import torch
 
-from common import UserError, die, load_checkpoint, pick_device, positive, write_json
+from common import (UserError, load_checkpoint, pick_device, positive, run_or_die,
+                    write_json)
 from data import query, teacher, world
 
 PRESETS = {  # fine-tuning steps, evaluation steps, batch size, held-out questions per split
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--pairs", metavar="FILE", help="training pairs instead of data/query.py's: "
                    'JSONL of {"question": ..., "query": ...}')
     p.add_argument("--spec", metavar="FILE", help="the wrapper's system prompt instead of "
-                   "data/query.SPEC; its lines after 'Examples:' must be queries")
+                   "data/query.SPEC; its 'Query: ...' lines must parse")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS))
     p.add_argument("--lr", type=positive(float), default=3e-4, help="every start's learning rate")
     p.add_argument("--seed", type=int, default=0)
@@ -61,11 +62,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    try:
-        run(a)
-    except UserError as e:
-        die(str(e))
+    run_or_die(run, parse_args(argv))
 
 
 def read_pairs(path):

@@ -28,7 +28,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import (UserError, die, load_checkpoint, pick_device, positive, run_stage,
+from common import (UserError, load_checkpoint, pick_device, positive, run_or_die, run_stage,
                     write_json)
 from data import chats, teacher
 from evaluation import answer_ids, reward_scores
@@ -61,11 +61,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    try:
-        run(a)
-    except UserError as e:
-        die(str(e))
+    run_or_die(run, parse_args(argv))
 
 
 def run(a):

@@ -19,7 +19,8 @@ import argparse
 import json
 import os
 
-from common import UserError, die, load_checkpoint, positive, run_stage, write_json, write_text
+from common import (UserError, load_checkpoint, positive, run_or_die, run_stage, write_json,
+                    write_text)
 from data import chats
 from evaluation import answer
 
@@ -52,11 +53,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    try:
-        run(a)
-    except UserError as e:
-        die(str(e))
+    run_or_die(run, parse_args(argv))
 
 
 def run(a):
