@@ -452,12 +452,12 @@ def _faq(rng, facts):
 
 
 # Documents per pass over the tables, besides one passage per entity. With these numbers (seed 0)
-# 65% of the world's bytes are passages, 24% question documents (quiz 11%, forum 7%, bare list
-# 6%), 4% Q&A pages, 2% answer keys and 5% source code (data/code.py): enough answers to teach
+# 66% of the world's bytes are passages, 25% question documents (quiz 11%, forum 7%, bare list
+# 6%), 4% Q&A pages, 2% answer keys and 3% source code (data/code.py): enough answers to teach
 # the Q/A forms, too few to make answering the default behaviour; enough code that a function
 # signature is continued with code.
 _PER_COPY = {"quiz": 30, "forum": 25, "questions": 25, "answer_key": 6, "faq": 12}
-CODE_PER_COPY = 14
+CODE_PER_COPY = 8
 _MAKERS = {"quiz": _quiz_sheet, "forum": _forum_post, "questions": _question_list,
            "answer_key": _answer_key, "faq": _faq}
 
