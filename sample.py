@@ -12,12 +12,15 @@ rendered in the chat format, and the output is the assistant's answer, which end
     echo "Q: What is the chemical symbol for gold?" | python sample.py --prompt-file -
     python sample.py --ckpt out/sft --score-with out/reward --num-samples 3 \\
         --prompt "What is the capital of France?"
+    python sample.py --ckpt out/base --heal --prompt 'function calculateTax(amount) {'
 
 With --compare, every checkpoint gets the same request: instruct models as chat, base models as
 plain text (the system prompt, if any, on a line before the question). --format chat or text
 puts the request to every checkpoint in that form instead: a base model as chat (the role tokens
 it never saw in pretraining), an instruct model as raw text. Output streams token by
 token. Sampling uses the KV cache; --seed makes it repeatable; --temperature 0 is greedy.
+--heal (token healing) lets a plain-text prompt end mid-token: the model rewrites its last
+tokens, merged with what follows, as the tokenizer would have written the whole text.
 """
 import argparse
 import codecs
@@ -44,6 +47,11 @@ def parse_args(argv=None):
     src.add_argument("--interactive", action="store_true",
                      help="read prompts line by line (a chat model keeps the conversation)")
     p.add_argument("--system", help="system prompt (chat models; base models see it as text)")
+    p.add_argument("--heal", action="store_true", help="token healing, for plain text: take back "
+                   "the prompt's last tokens when together they begin a longer token, and let the "
+                   "first new token be only one that begins with their text (a prompt that ends "
+                   "where the tokenizer would have merged on, such as 'def f(x):' without its "
+                   "newline, otherwise ends on tokens the model has rarely seen there)")
     p.add_argument("--format", choices=["auto", "chat", "text"], default="auto",
                    help="how the prompt is given: auto (chat for sft/ppo checkpoints, text for "
                         "base ones), or the one form for every checkpoint")
@@ -112,12 +120,14 @@ class Sampler:
 
     def run(self, text, out=None):
         a, tok, out = self.a, self.tok, out or sys.stdout
-        ids = self.prompt_ids(text)
+        prompt = self.prompt_ids(text)
+        ids, first_allowed = heal(tok, prompt) if a.heal and not self.chat else (prompt, None)
+        rewritten = len(tok.decode_bytes(prompt[len(ids):]))  # prompt bytes the answer repeats
         room = self.model.config.block_size - len(ids)
         n = min(a.max_new_tokens, room)
         stops = [tok.eot_id] + ([tok.special("<|end|>")] if self.chat else [])
         kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop_ids=stops,
-                  pad_id=tok.pad_id)
+                  pad_id=tok.pad_id, first_allowed=first_allowed)
         for s in range(a.num_samples):
             seed = None if a.seed is None else a.seed + s
             if a.num_samples > 1:
@@ -151,7 +161,8 @@ class Sampler:
                 system = [{"role": "system", "content": a.system}] if a.system else []
                 request = system + (self.history if self.chat else []) + [
                     {"role": "user", "content": text}]
-                score = self.scorer(request, tok.decode(reply), ended == "<|end|>", tok)
+                answer = tok.decode_bytes(reply)[rewritten:].decode(errors="replace")
+                score = self.scorer(request, answer, ended == "<|end|>", tok)
                 print(f"[reward model score: {score:+.3f}]", file=out, flush=True)
         if self.chat and a.interactive:
             self.history += [{"role": "user", "content": text},
@@ -167,6 +178,24 @@ class Sampler:
             then = (f"; generated {json.dumps(self.tok.decode([reply[step]]))}"
                     if step < len(reply) else "")
             print(f"[next token {step + 1}: {shown}{then}]", file=out, flush=True)
+
+
+def heal(tok, ids):
+    """Token healing: take back the prompt's last tokens when together they begin a longer token
+    (as many as do), and let the first new token be only one that begins with their bytes. The
+    model then writes the prompt's end itself, merged with what follows, as the corpus was
+    tokenized (" {" -> " {\n"; ")" ":" -> "):\n"). Returns (ids, allowed first tokens or None)."""
+    healed = (ids, None)
+    for k in range(1, len(ids)):
+        if ids[-k] >= len(tok.tokens):  # <|endoftext|> or another special: never taken back
+            break
+        tail = b"".join(tok.tokens[i] for i in ids[-k:])
+        allowed = [i for i, token in enumerate(tok.tokens) if token.startswith(tail)]
+        if not allowed:  # no token begins with these bytes, nor with any longer tail
+            break
+        if any(len(tok.tokens[i]) > len(tail) for i in allowed):
+            healed = (ids[:-k], allowed)
+    return healed
 
 
 def masked_tokens(tok, messages):

@@ -233,3 +233,56 @@ def test_the_loss_mask_view_marks_exactly_the_trained_tokens(tiny_sft, capsys, t
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", tiny_sft, "--loss-mask", str(tmp_path / "chat.json")])
     assert "ending with an assistant turn" in capsys.readouterr().err
+
+
+def test_heal_lets_the_model_rewrite_the_prompts_last_token(ckpt, capsys):
+    """--heal: the prompt without its last token, then the likeliest token (greedy) among those
+    that begin with that token's text; the output shows the prompt once, then the rest."""
+    import torch
+    from common import load_checkpoint
+    model, tok, _ = load_checkpoint(ckpt)
+    prompt = "What is the capital of France?"
+    ids = [tok.eot_id] + tok.encode(prompt)
+    allowed = [i for i, token in enumerate(tok.tokens) if token.startswith(tok.tokens[ids[-1]])]
+    assert tok.tokens[ids[-1]] == b"?" and len(allowed) > 1  # "?\n" is a token too
+    assert sample.heal(tok, ids) == (ids[:-1], allowed)
+    model.eval()
+    for choice in allowed[1:3]:  # the mask holds when sampling too, whatever the model prefers
+        first = next(model.stream([ids[:-1]], 1, temperature=1.0, seed=0, first_allowed=[choice]))
+        assert first.item() == choice
+    logits = model(torch.tensor([ids[:-1]]))[0][0, -1]
+    best = max(allowed, key=lambda i: logits[i].item())
+    rest = model.generate([ids[:-1] + [best]], 5, temperature=0, stop_ids=[tok.eot_id])[0]
+    out = run(capsys, "--ckpt", ckpt, "--prompt", prompt, "--heal", "--temperature", "0",
+              "--max-new-tokens", "6", "--device", "cpu").out
+    assert out == tok.decode(ids[1:-1] + [best] + [t for t in rest if t != tok.eot_id]) + "\n"
+    longest = max(range(256, len(tok.tokens)), key=lambda i: len(tok.tokens[i]))
+    assert sample.heal(tok, [tok.eot_id, longest]) == ([tok.eot_id, longest], None)
+    assert sample.heal(tok, [tok.eot_id]) == ([tok.eot_id], None)
+
+
+def test_heal_takes_back_as_many_tokens_as_begin_a_longer_one():
+    """The tokens ")" and ":" together begin the token "):\n": both are taken back, and only that
+    token (none that begins with ":" alone) may come first."""
+    from data.tokenizer import Tokenizer
+    tok = Tokenizer([bytes([i]) for i in range(256)] + [b":\n", b"):\n"])
+    ids = [tok.eot_id] + [ord(c) for c in "f(x):"]
+    assert sample.heal(tok, ids) == (ids[:-2], [257])
+    assert sample.heal(tok, ids[:-1]) == (ids[:-2], [ord(")"), 257])  # ")" alone
+    assert sample.heal(tok, ids[:-2]) == (ids[:-2], None)  # "x": no longer token begins with it
+
+
+def test_heal_scores_only_what_follows_the_prompt(ckpt, tiny_reward, capsys):
+    """--score-with after --heal: the reward model reads the continuation without the prompt's
+    end that the first token wrote again."""
+    from common import load_checkpoint
+    from evaluation import RewardScorer
+    _, tok, _ = load_checkpoint(ckpt)
+    prompt = "What is the capital of France?"
+    out = run(capsys, "--ckpt", ckpt, "--prompt", prompt, "--heal", "--temperature", "0",
+              "--max-new-tokens", "6", "--device", "cpu", "--score-with", tiny_reward).out
+    text, score = out.rsplit("\n[reward model score: ", 1)
+    assert text.startswith(prompt)
+    expected = RewardScorer(tiny_reward, "cpu", "--score-with")(  # a base model never ends a turn
+        [{"role": "user", "content": prompt}], text[len(prompt):], False, tok)
+    assert float(score.rstrip("]\n")) == pytest.approx(expected, abs=1e-3)
