@@ -230,14 +230,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-               stop_ids=(), seed=None, pad_id=0, use_cache=True, first_allowed=None):
+               stop_ids=(), seed=None, pad_id=0, use_cache=True):
         """Sample continuations for a batch of prompts (lists of token ids, any lengths).
 
         Yields one (B,) tensor of new tokens per step. A row that has produced one of `stop_ids`
         is finished: its later tokens are `pad_id`. Stops when every row is finished.
         temperature 0 means greedy. use_cache=False recomputes the whole sequence every step
-        (the slow reference the KV cache is tested and benchmarked against). first_allowed: the
-        token ids the first new token must be one of (token healing, sample.py --heal)."""
+        (the slow reference the KV cache is tested and benchmarked against)."""
         device = self.embed_tokens.weight.device
         B, L = len(prompts), max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0:
@@ -256,14 +255,9 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         x = seq
-        for step in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             logits, _ = self(x, pad=pad, cache=cache)
-            logits = logits[:, -1].float()
-            if step == 0 and first_allowed is not None:
-                allowed = torch.zeros_like(logits, dtype=torch.bool)
-                allowed[:, list(first_allowed)] = True
-                logits = logits.masked_fill(~allowed, float("-inf"))
-            nxt = sample_next(logits, temperature, top_k, top_p, gen)
+            nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, gen)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             done |= torch.isin(nxt, stop)
             yield nxt

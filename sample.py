@@ -29,8 +29,11 @@ import math
 import os
 import sys
 
+import torch
+
 from common import UserError, autocast, die, load_checkpoint, pick_device, pick_dtype, seed_arg
 from evaluation import RewardScorer
+from model import sample_next
 from data import chats
 
 
@@ -49,9 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--system", help="system prompt (chat models; base models see it as text)")
     p.add_argument("--heal", action="store_true", help="token healing, for plain text: take back "
                    "the prompt's last tokens when together they begin a longer token, and let the "
-                   "first new token be only one that begins with their text (a prompt that ends "
-                   "where the tokenizer would have merged on, such as 'def f(x):' without its "
-                   "newline, otherwise ends on tokens the model has rarely seen there)")
+                   "model write their text again, merged with what follows if it likes (a prompt "
+                   "that ends where the tokenizer would have merged on, such as 'def f(x):' "
+                   "without its newline, otherwise ends on tokens the model has rarely seen "
+                   "there)")
     p.add_argument("--format", choices=["auto", "chat", "text"], default="auto",
                    help="how the prompt is given: auto (chat for sft/ppo checkpoints, text for "
                         "base ones), or the one form for every checkpoint")
@@ -121,13 +125,12 @@ class Sampler:
     def run(self, text, out=None):
         a, tok, out = self.a, self.tok, out or sys.stdout
         prompt = self.prompt_ids(text)
-        ids, first_allowed = heal(tok, prompt) if a.heal and not self.chat else (prompt, None)
-        rewritten = len(tok.decode_bytes(prompt[len(ids):]))  # prompt bytes the answer repeats
+        ids, tail = heal(tok, prompt) if a.heal and not self.chat else (prompt, b"")
         room = self.model.config.block_size - len(ids)
         n = min(a.max_new_tokens, room)
         stops = [tok.eot_id] + ([tok.special("<|end|>")] if self.chat else [])
         kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop_ids=stops,
-                  pad_id=tok.pad_id, first_allowed=first_allowed)
+                  pad_id=tok.pad_id)
         for s in range(a.num_samples):
             seed = None if a.seed is None else a.seed + s
             if a.num_samples > 1:
@@ -135,16 +138,16 @@ class Sampler:
             # stream: print each token as it arrives; the incremental decoder holds back the
             # bytes of a character split across tokens until it is complete
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            if not self.chat:
-                out.write(tok.decode(ids[1:]))
+            if not self.chat:  # through the decoder: --heal may cut a character in two
+                out.write(decoder.decode(tok.decode_bytes(ids[1:])))
             reply, ended = [], None
             with autocast(self.device, self.dtype):
-                for t in self.model.stream([ids], n, seed=seed, **kw):
-                    if t.item() in stops:
-                        ended = tok.decode([t.item()])
+                for t in self.answer_tokens(ids, tail, n, seed, kw):
+                    if t in stops:
+                        ended = tok.decode([t])
                         break
-                    reply.append(t.item())
-                    out.write(decoder.decode(tok.decode_bytes([t.item()])))
+                    reply.append(t)
+                    out.write(decoder.decode(tok.decode_bytes([t])))
                     out.flush()
             out.write(decoder.decode(b"", final=True) + "\n")
             out.flush()
@@ -161,12 +164,21 @@ class Sampler:
                 system = [{"role": "system", "content": a.system}] if a.system else []
                 request = system + (self.history if self.chat else []) + [
                     {"role": "user", "content": text}]
-                answer = tok.decode_bytes(reply)[rewritten:].decode(errors="replace")
+                answer = tok.decode_bytes(reply)[len(tail):].decode(errors="replace")
                 score = self.scorer(request, answer, ended == "<|end|>", tok)
                 print(f"[reward model score: {score:+.3f}]", file=out, flush=True)
         if self.chat and a.interactive:
             self.history += [{"role": "user", "content": text},
                              {"role": "assistant", "content": tok.decode(reply).strip() or "..."}]
+
+    def answer_tokens(self, ids, tail, n, seed, kw):
+        """The answer's token ids as they come: with --heal, first those that write the prompt's
+        taken-back bytes `tail` again (healed_start), then the model's own continuation."""
+        head = healed_start(self.model, self.tok, ids, tail, self.a, seed, self.device)
+        yield from head[:n]
+        if n > len(head):
+            for t in self.model.stream([ids + head], n - len(head), seed=seed, **kw):
+                yield t.item()
 
     def show_next_tokens(self, ids, reply, out):
         """One line per position of the answer (the first --next-tokens-steps): the likeliest next
@@ -181,21 +193,48 @@ class Sampler:
 
 
 def heal(tok, ids):
-    """Token healing: take back the prompt's last tokens when together they begin a longer token
-    (as many as do), and let the first new token be only one that begins with their bytes. The
-    model then writes the prompt's end itself, merged with what follows, as the corpus was
-    tokenized (" {" -> " {\n"; ")" ":" -> "):\n"). Returns (ids, allowed first tokens or None)."""
-    healed = (ids, None)
-    for k in range(1, len(ids)):
-        if ids[-k] >= len(tok.tokens):  # <|endoftext|> or another special: never taken back
-            break
+    """Token healing, step 1: take back the prompt's last tokens, as many as together begin a
+    longer token, so that the model can write their bytes again, merged with what follows, as the
+    corpus was tokenized (" {" -> " {\n"; ")" ":" -> "):\n"). Returns (the ids left, the bytes
+    taken back: b"" when no token is longer than the prompt's end)."""
+    longest, taken = max(map(len, tok.tokens)), 0
+    for k in range(1, len(ids)):  # ids[0], <|endoftext|>, is never taken back
         tail = b"".join(tok.tokens[i] for i in ids[-k:])
-        allowed = [i for i, token in enumerate(tok.tokens) if token.startswith(tail)]
-        if not allowed:  # no token begins with these bytes, nor with any longer tail
+        if len(tail) >= longest:
             break
-        if any(len(tok.tokens[i]) > len(tail) for i in allowed):
-            healed = (ids[:-k], allowed)
-    return healed
+        if any(len(token) > len(tail) and token.startswith(tail) for token in tok.tokens):
+            taken = k
+    return ids[:len(ids) - taken], b"".join(tok.tokens[i] for i in ids[len(ids) - taken:])
+
+
+@torch.no_grad()
+def healed_start(model, tok, ids, tail, a, seed, device):
+    """Token healing, step 2: the answer's first tokens, one at a time, each the model's choice
+    (greedy or sampled, as asked) among the tokens that go on writing `tail`: one that is a part
+    of what is left of it, or one that begins with all of it. The prompt's own tokens stay
+    possible: healing can only add a merge, never take the prompt's text away."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    head = []
+    while tail:
+        allowed = continuing(tok, tail)
+        logits = model(torch.tensor([ids + head], device=device))[0][:, -1].float()
+        blocked = torch.ones_like(logits, dtype=torch.bool)
+        blocked[:, allowed] = False
+        head.append(sample_next(logits.masked_fill(blocked, float("-inf")), a.temperature,
+                                a.top_k, a.top_p, gen).item())
+        tail = tail[len(tok.tokens[head[-1]]):]
+    return head
+
+
+def continuing(tok, tail):
+    """The tokens that may come next while `tail` is being written: a part of what is left of it
+    (the prompt's own split stays possible), or one that begins with all of it (a merge)."""
+    return [i for i, token in enumerate(tok.tokens)
+            if token.startswith(tail) or tail.startswith(token)]
 
 
 def masked_tokens(tok, messages):

@@ -1,4 +1,5 @@
 """sample.py on a real (tiny) checkpoint: streaming output, seeds, clear errors on bad input."""
+import argparse
 import os
 import shutil
 
@@ -236,40 +237,54 @@ def test_the_loss_mask_view_marks_exactly_the_trained_tokens(tiny_sft, capsys, t
 
 
 def test_heal_lets_the_model_rewrite_the_prompts_last_token(ckpt, capsys):
-    """--heal: the prompt without its last token, then the likeliest token (greedy) among those
-    that begin with that token's text; the output shows the prompt once, then the rest."""
+    """--heal: the prompt without its last token "?", then the likeliest token (greedy) among
+    those that begin with "?" (here one the prompt did not have, so the test sees the healing),
+    then the greedy continuation; the output shows the prompt once, then the rest."""
     import torch
     from common import load_checkpoint
     model, tok, _ = load_checkpoint(ckpt)
     prompt = "What is the capital of France?"
     ids = [tok.eot_id] + tok.encode(prompt)
-    allowed = [i for i, token in enumerate(tok.tokens) if token.startswith(tok.tokens[ids[-1]])]
-    assert tok.tokens[ids[-1]] == b"?" and len(allowed) > 1  # "?\n" is a token too
-    assert sample.heal(tok, ids) == (ids[:-1], allowed)
-    model.eval()
-    for choice in allowed[1:3]:  # the mask holds when sampling too, whatever the model prefers
-        first = next(model.stream([ids[:-1]], 1, temperature=1.0, seed=0, first_allowed=[choice]))
-        assert first.item() == choice
-    logits = model(torch.tensor([ids[:-1]]))[0][0, -1]
+    assert sample.heal(tok, ids) == (ids[:-1], b"?")
+    allowed = sample.continuing(tok, b"?")
+    logits = model.eval()(torch.tensor([ids[:-1]]))[0][0, -1]
     best = max(allowed, key=lambda i: logits[i].item())
+    assert best != ids[-1] and tok.tokens[best].startswith(b"?")
     rest = model.generate([ids[:-1] + [best]], 5, temperature=0, stop_ids=[tok.eot_id])[0]
     out = run(capsys, "--ckpt", ckpt, "--prompt", prompt, "--heal", "--temperature", "0",
               "--max-new-tokens", "6", "--device", "cpu").out
     assert out == tok.decode(ids[1:-1] + [best] + [t for t in rest if t != tok.eot_id]) + "\n"
-    longest = max(range(256, len(tok.tokens)), key=lambda i: len(tok.tokens[i]))
-    assert sample.heal(tok, [tok.eot_id, longest]) == ([tok.eot_id, longest], None)
-    assert sample.heal(tok, [tok.eot_id]) == ([tok.eot_id], None)
 
 
-def test_heal_takes_back_as_many_tokens_as_begin_a_longer_one():
-    """The tokens ")" and ":" together begin the token "):\n": both are taken back, and only that
-    token (none that begins with ":" alone) may come first."""
+def test_healed_start_writes_the_tail_whatever_the_model_prefers(ckpt):
+    """The first tokens write the taken-back bytes even when the model's likeliest token cannot
+    (greedy and sampled): each is a part of what is left, or begins with all of it."""
+    import torch
+    from common import load_checkpoint
+    model, tok, _ = load_checkpoint(ckpt)
+    ids = [tok.eot_id] + tok.encode("What is the capital of")
+    likeliest = model.eval()(torch.tensor([ids]))[0][0, -1].argmax().item()
+    tail = b" Zq"  # a space, then letters the corpus never has there
+    assert likeliest not in sample.continuing(tok, tail)
+    for temperature, seed in ((0.0, None), (1.0, 3)):
+        settings = argparse.Namespace(temperature=temperature, top_k=None, top_p=None)
+        head = sample.healed_start(model, tok, ids, tail, settings, seed, "cpu")
+        written = b"".join(tok.tokens[t] for t in head)
+        assert written.startswith(tail) and len(written) - len(tok.tokens[head[-1]]) < len(tail)
+
+
+def test_heal_takes_back_what_begins_a_longer_token_and_keeps_the_prompts_split():
+    """The tokens ")" and ":" together begin the token "):\n": both are taken back; while they
+    are written again, ")" (the prompt's own split) and "):\n" (the merge) may come, ":" not."""
     from data.tokenizer import Tokenizer
     tok = Tokenizer([bytes([i]) for i in range(256)] + [b":\n", b"):\n"])
     ids = [tok.eot_id] + [ord(c) for c in "f(x):"]
-    assert sample.heal(tok, ids) == (ids[:-2], [257])
-    assert sample.heal(tok, ids[:-1]) == (ids[:-2], [ord(")"), 257])  # ")" alone
-    assert sample.heal(tok, ids[:-2]) == (ids[:-2], None)  # "x": no longer token begins with it
+    assert sample.heal(tok, ids) == (ids[:-2], b"):")
+    assert sample.continuing(tok, b"):") == [ord(")"), 257]
+    assert sample.continuing(tok, b":") == [ord(":"), 256]
+    assert sample.heal(tok, ids[:-1]) == (ids[:-2], b")")  # ")" alone begins "):\n"
+    assert sample.heal(tok, ids[:-2]) == (ids[:-2], b"")  # no longer token begins with "x"
+    assert sample.heal(tok, [tok.eot_id]) == ([tok.eot_id], b"")
 
 
 def test_heal_scores_only_what_follows_the_prompt(ckpt, tiny_reward, capsys):
