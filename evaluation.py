@@ -233,8 +233,8 @@ def evaluate_code(model, tok, chat=False, max_new=80, examples=2):
     (a base model: as plain text; chat=True: sent as a user message, for an instruct model):
     the share of continuations that are code (code_shaped), per language. As text, a signature
     ends with its newline: the tokenizer writes " {\n" and "):\n" as one token each, so a
-    signature cut before the newline ends on a token that in the corpus only opens an object
-    literal or a slice (README, "Code completion")."""
+    signature cut before the newline ends on tokens the corpus never puts after a signature
+    (README, "Code completion"; sample.py --heal)."""
     training, result = model.training, {}
     model.eval()
     end = tok.special("<|end|>")
