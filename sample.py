@@ -50,12 +50,10 @@ def parse_args(argv=None):
     src.add_argument("--interactive", action="store_true",
                      help="read prompts line by line (a chat model keeps the conversation)")
     p.add_argument("--system", help="system prompt (chat models; base models see it as text)")
-    p.add_argument("--heal", action="store_true", help="token healing, for plain text: take back "
-                   "the prompt's last tokens when together they begin a longer token, and let the "
-                   "model write their text again, merged with what follows if it likes (a prompt "
-                   "that ends where the tokenizer would have merged on, such as 'def f(x):' "
-                   "without its newline, otherwise ends on tokens the model has rarely seen "
-                   "there)")
+    p.add_argument("--heal", action="store_true", help="token healing, for plain-text prompts "
+                   "that end mid-token, such as 'def f(x):' without its newline: the prompt's last "
+                   "tokens are taken back and the model writes their text again, free to merge "
+                   "it with what follows (one token '):\\n' instead of ')' ':')")
     p.add_argument("--format", choices=["auto", "chat", "text"], default="auto",
                    help="how the prompt is given: auto (chat for sft/ppo checkpoints, text for "
                         "base ones), or the one form for every checkpoint")
@@ -94,6 +92,9 @@ class Sampler:
         self.model.eval()
         self.stage = ckpt["stage"]
         self.chat = a.format == "chat" or (a.format == "auto" and self.stage != "base")
+        if a.heal and self.chat:
+            print(f"note: {ckpt_dir} is prompted as chat, which --heal leaves as it is",
+                  file=sys.stderr)
         self.history = []  # chat turns so far (interactive chat)
 
     def prompt_ids(self, text):
