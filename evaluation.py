@@ -9,18 +9,22 @@
 - evaluate_base_on_chat_prompts: the base model on the same requests, as chat and as plain text.
 - evaluate_code: function signatures no document contains, continued by a base model (or sent
   to an instruct model as chat): how often the continuation is code (code_shaped).
+- knowledge_audit: which held-out facts the base model knows (3-shot), the ceiling for what
+  post-training can elicit; every instruct and reward evaluation splits its figures by it.
 - answer_ids, reward_scores, evaluate_reward_model: what a reward model reads and scores, and
   how well its scores agree with the teacher's (reward.py, ppo.py); RewardScorer: one answer's
   score (sample.py --score-with, serve.py).
 """
 import itertools
+import json
+import os
 import re
 import sys
 
 import torch
 from tqdm import tqdm
 
-from common import UserError, load_checkpoint
+from common import UserError, load_checkpoint, write_json
 from data import chats, code, teacher, world
 
 
@@ -64,6 +68,111 @@ def evaluate_base(model, tok, device, seed=0, n_zero_shot=100, batch_size=64):
     return result
 
 
+# ----------------------------------------------------------------------------- knowledge audit
+KNOWLEDGE_FILE = "knowledge.json"  # beside a checkpoint: the audit of the base model it came from
+
+
+@torch.no_grad()
+def knowledge_audit(base, tok, split="heldout", shots=3, batch_size=64):
+    """Which facts of a split (chats.facts) the BASE model knows: each asked in the corpus's own
+    "Q: ...\nA:" form after `shots` examples of the same kind about training entities (the form
+    of evaluate_base's few-shot test), greedy; known = its first line is the gold answer (a
+    final period aside: "Brazilian real." knows the currency).
+    Returns [{"kind", "entity", "gold", "answer", "known"}] in chats.facts order (facts whose
+    prompt does not fit the context are left out).
+
+    What the base model knows is the ceiling for what post-training can elicit: SFT and RLHF
+    teach behaviour, so a fact missing here cannot be stated reliably after them."""
+    training = base.training
+    base.eval()
+    examples = {}
+    for kind, row, _, _ in chats.facts("train"):
+        examples.setdefault(kind, []).append(world.ask(kind, row))
+    facts, prompts = [], []
+    for j, (kind, row, _, gold) in enumerate(chats.facts(split)):
+        pool = examples[kind]  # a fixed, varied choice of examples for each fact
+        chosen = [pool[(j * 7 + k * 13) % len(pool)] for k in range(shots)]
+        ids = [tok.eot_id] + tok.encode(world.fewshot_prompt(chosen, world.ask(kind, row)[0]))
+        if len(ids) + 24 <= base.config.block_size:  # a short context skips what it cannot hold
+            facts.append((kind, row["name"], gold))
+            prompts.append(ids)
+    audit = []
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        rows = base.generate(batch, 24, temperature=0.0, pad_id=tok.pad_id,  # the longest answer
+                             stop_ids=[tok.eot_id])
+        for (kind, entity, gold), out in zip(facts[i:i + batch_size], rows):
+            said = world.fewshot_answer(tok.decode([t for t in out if t != tok.eot_id]))
+            audit.append({"kind": kind, "entity": entity, "gold": gold, "answer": said,
+                          "known": said.rstrip(".") == gold.rstrip(".")})
+    base.train(training)
+    return audit
+
+
+def audit_summary(audit):
+    """How many audited facts the base model knows, overall and per kind."""
+    kinds = sorted({f["kind"] for f in audit})
+    rate = {kind: [f["known"] for f in audit if f["kind"] == kind] for kind in kinds}
+    return {"n": len(audit), "known": sum(f["known"] for f in audit),
+            "known_rate": sum(f["known"] for f in audit) / len(audit) if audit else None,
+            "known_rate_by_kind": {kind: sum(v) / len(v) for kind, v in rate.items()}}
+
+
+def write_knowledge(out_dir, audit, source):
+    """knowledge.json in a stage's folder: the audit of the base model (`source`) it came from,
+    so that the later stages split their figures by the same facts."""
+    write_json(os.path.join(out_dir, KNOWLEDGE_FILE), {"base_model": source, "method": (
+        "3-shot Q/A, greedy, first line == gold"), **audit_summary(audit), "facts": audit})
+
+
+def read_known(ckpt_dir):
+    """{(kind, entity): known} from a stage folder's knowledge.json, or None without one."""
+    path = os.path.join(ckpt_dir, KNOWLEDGE_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return known_map(json.load(f)["facts"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a knowledge audit ({e})") from None
+
+
+def known_map(audit):
+    """{(kind, entity): known} of a knowledge_audit."""
+    return {(f["kind"], f["entity"]): bool(f["known"]) for f in audit}
+
+
+def carry_knowledge(source_dir, out_dir):
+    """read_known(source_dir), its knowledge.json copied into out_dir for the stage after this
+    one; None (and a note) where source_dir has none (a model from before the audit existed)."""
+    path = os.path.join(source_dir, KNOWLEDGE_FILE)
+    if not os.path.exists(path):
+        print(f"note: {source_dir} has no {KNOWLEDGE_FILE}: figures are not split by what the "
+              "base model knows", file=sys.stderr)
+        return None
+    known = read_known(source_dir)
+    with open(path, encoding="utf-8") as f:
+        write_json(os.path.join(out_dir, KNOWLEDGE_FILE), json.load(f))
+    return known
+
+
+def by_knowledge(items, verdicts, known):
+    """The teacher's verdicts split by whether the base model knows the item's fact (`known`:
+    read_known's map; items about other facts are left out): {"base_knows": {"n", "accuracy",
+    "accuracy_<behaviour>"...}, "base_does_not_know": {...}}."""
+    out = {}
+    for name, want in (("base_knows", True), ("base_does_not_know", False)):
+        mine = [(it, v) for it, v in zip(items, verdicts)
+                if known.get((it["kind"], it["entity"])) is want]
+        group = {"n": len(mine),
+                 "accuracy": sum(v["correct"] for _, v in mine) / len(mine) if mine else None}
+        for b in sorted({it["behaviour"] for it, _ in mine}):
+            correct = [v["correct"] for it, v in mine if it["behaviour"] == b]
+            group[f"accuracy_{b}"] = sum(correct) / len(correct)
+        out[name] = group
+    return out
+
+
 @torch.no_grad()
 def answer(model, tok, prompts, max_new=48, batch_size=64, temperature=0.0, seed=0, desc=None):
     """Generate from token-id prompts; returns (text, ended with <|end|>, n tokens) per prompt.
@@ -82,14 +191,15 @@ def answer(model, tok, prompts, max_new=48, batch_size=64, temperature=0.0, seed
         for r in rows:
             ended = bool(r) and r[-1] == stops[0]
             body = r[:-1] if r and r[-1] in stops else r
-            out.append((tok.decode(body), ended, len(body)))
+            out.append((tok.decode_turn(body), ended, len(body)))
     return out
 
 
-def evaluate_chat(model, tok, items, examples=3):
+def evaluate_chat(model, tok, items, examples=3, known=None):
     """Judge the model's answers to chat prompts (greedy) with the teacher. Used for every
     instruct stage: accuracy, end-of-turn rate, length, adherence per system behaviour, and the
-    rates of _claim_and_scope_rates where the prompts are claims or out of scope."""
+    rates of _claim_and_scope_rates where the prompts are claims or out of scope. known
+    (read_known's map): accuracy also split by whether the base model knows the fact."""
     model.eval()
     prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
     results = answer(model, tok, prompts)
@@ -107,6 +217,8 @@ def evaluate_chat(model, tok, items, examples=3):
         if b != "none":
             r[f"adherence_{b}"] = sum(v["follows_system"] for v in mine) / len(mine)
     r.update(_claim_and_scope_rates(items, verdicts))
+    if known and any(it["entity"] for it in items):
+        r.update(by_knowledge(items, verdicts, known))
     r["examples"] = [{"prompt": it["messages"], "response": text, "ended": ended}
                      for it, (text, ended, _) in list(zip(items, results))[:examples]]
     model.train()
@@ -144,18 +256,24 @@ def _claim_and_scope_rates(items, verdicts):
 
 def instruct_eval_sets():
     """The judged prompt sets every instruct stage reports, all about what SFT never trained on:
-    held-out entities in trained and in never-used wordings, follow-ups that refer to the
-    previous turn, claims to confirm or correct, and requests out of scope in new wordings."""
-    return {"heldout": chats.eval_prompts("heldout"),
-            "heldout_new_wordings": chats.eval_prompts("heldout", wording="heldout"),
+    held-out entities in trained and in never-used wordings (each fact under every system-prompt
+    behaviour), the latter also typed all in lower or upper case, the entity's name included;
+    follow-ups that refer to the previous turn, claims to confirm or correct, and requests out
+    of scope in new wordings, each typed four ways."""
+    every = len(chats.BEHAVIOURS) * len(chats.facts("heldout"))
+    return {"heldout": chats.eval_prompts("heldout", n=every),
+            "heldout_new_wordings": chats.eval_prompts("heldout", n=every, wording="heldout"),
+            "heldout_recased": chats.eval_prompts("heldout", n=every, wording="heldout",
+                                                  casings=("lower", "upper")),
             "heldout_follow_ups": chats.follow_up_prompts("heldout"),
             "heldout_claims": chats.claim_prompts("heldout"),
-            "out_of_scope_new_wordings": chats.out_of_scope_prompts("heldout")}
+            "out_of_scope_new_wordings": chats.out_of_scope_prompts("heldout", variants=4)}
 
 
-def evaluate_instruct(model, tok):
-    """evaluate_chat on each of instruct_eval_sets()."""
-    return {name: evaluate_chat(model, tok, items) for name, items in instruct_eval_sets().items()}
+def evaluate_instruct(model, tok, known=None):
+    """evaluate_chat on each of instruct_eval_sets() (known: split by the knowledge audit)."""
+    return {name: evaluate_chat(model, tok, items, known=known)
+            for name, items in instruct_eval_sets().items()}
 
 
 def evaluate_base_on_chat_prompts(model, tok, items):
@@ -247,7 +365,8 @@ def evaluate_code(model, tok, chat=False, max_new=80, examples=2):
         room = model.config.block_size - max(map(len, prompts))
         rows = model.generate(prompts, min(max_new, room), temperature=0.0, pad_id=tok.pad_id,
                               stop_ids=[tok.eot_id, end])
-        texts = [tok.decode([t for t in r if t not in (tok.eot_id, end)]) for r in rows]
+        decode = tok.decode_turn if chat else tok.decode
+        texts = [decode([t for t in r if t not in (tok.eot_id, end)]) for r in rows]
         ended = [bool(r) and r[-1] in (tok.eot_id, end) for r in rows]
         shaped = [code_shaped(language, t if chat else "\n" + t, e) for t, e in zip(texts, ended)]
         result[f"code_shaped_rate_{language}"] = sum(shaped) / len(shaped)
@@ -263,7 +382,7 @@ def evaluate_code(model, tok, chat=False, max_new=80, examples=2):
 def answer_ids(tok, messages, text, ended):
     """What a reward model reads: the chat prompt, the answer, and <|end|> if the answer ended
     (its score is read at the last of these tokens)."""
-    ids = tok.render_chat(messages, for_completion=True)[0] + tok.encode(text)
+    ids = tok.render_chat(messages, for_completion=True)[0] + tok.encode_turn(text)
     return ids + [tok.special("<|end|>")] if ended else ids
 
 
@@ -339,10 +458,11 @@ DIFFERENCES = {  # what separates two answers the teacher ranks apart
 }
 
 
-def evaluate_reward_model(model, tok, heldout, device, offset=0.0, examples=2):
+def evaluate_reward_model(model, tok, heldout, device, offset=0.0, examples=2, known=None):
     """A reward model against the teacher. heldout: (prompt items, answers, teacher verdicts).
     Pairwise accuracy on the pairs the teacher scores apart, overall and by what separates the
-    two answers; Spearman's rank correlation of its scores with the teacher's, every answer."""
+    two answers; Spearman's rank correlation of its scores with the teacher's, every answer.
+    known (read_known's map): the fact pairs also split by whether the base model knows it."""
     items, answers, verdicts = heldout
     seqs = [answer_ids(tok, it["messages"], text, ended)
             for it, options in zip(items, answers) for text, ended in options]
@@ -350,7 +470,9 @@ def evaluate_reward_model(model, tok, heldout, device, offset=0.0, examples=2):
     ends = list(itertools.accumulate(len(options) for options in answers))
     scores = [flat[end - len(options):end] for end, options in zip(ends, answers)]
     hits = {name: [] for name in ("all", *DIFFERENCES)}
-    for mine, judged in zip(scores, verdicts):
+    by_known = {"base_knows": [], "base_does_not_know": []}
+    for item, mine, judged in zip(items, scores, verdicts):
+        knows = (known or {}).get((item["kind"], item["entity"]))
         for i in range(len(mine)):
             for j in range(len(mine)):
                 if judged[i]["score"] <= judged[j]["score"]:
@@ -361,11 +483,18 @@ def evaluate_reward_model(model, tok, heldout, device, offset=0.0, examples=2):
                     a, b = kind(judged[i]), kind(judged[j])
                     if a is not None and b is not None and bool(a) != bool(b):
                         hits[name].append(right)
+                        if name == "fact" and knows is not None:
+                            by_known["base_knows" if knows else "base_does_not_know"].append(
+                                right)
     result = {"prompts": len(items), "answers": len(flat), "pairs": len(hits["all"]),
               "accuracy": sum(hits["all"]) / len(hits["all"]) if hits["all"] else None,
               "by_difference": {name: {"pairs": len(h), "accuracy": sum(h) / len(h) if h else None}
                                 for name, h in hits.items() if name != "all"},
               "spearman": spearman(flat, [v["score"] for judged in verdicts for v in judged])}
+    if known:
+        result["fact_pairs_by_knowledge"] = {
+            name: {"pairs": len(h), "accuracy": sum(h) / len(h) if h else None}
+            for name, h in by_known.items()}
     result["examples"] = [{"prompt": it["messages"], "answers": [
         {"text": text, "ended": ended, "teacher": v["score"], "reward": round(r, 4)}
         for (text, ended), v, r in zip(options, judged, mine)]}

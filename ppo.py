@@ -34,7 +34,7 @@ from common import (MetricsLog, Process, UserError, autocast, barrier, check_fin
                     nonnegative, parse_stage_args, prepare_out_dir, resolve_settings,
                     save_checkpoint, seed_arg, setting, wrap_model, write_json)
 from data import chats, comparisons
-from evaluation import answer_ids, evaluate_instruct, gold_stats, reward_scores
+from evaluation import answer_ids, carry_knowledge, evaluate_instruct, gold_stats, reward_scores
 
 
 @dataclass
@@ -144,7 +144,7 @@ def answer_texts(tok, batch):
     L, stops, texts = batch["prompt_len"], {tok.special("<|end|>"), tok.eot_id}, []
     for row, m in zip(batch["ids"][:, L:].tolist(), batch["mask"].tolist()):
         real = [t for t, keep in zip(row, m) if keep]
-        texts.append(tok.decode(real[:-1] if real and real[-1] in stops else real))
+        texts.append(tok.decode_turn(real[:-1] if real and real[-1] in stops else real))
     return texts
 
 
@@ -421,11 +421,11 @@ def run(a, proc):
 
 
 def final_evaluation(a, s, policy, reference, tok, proc):
-    """eval.json: the SFT and the PPO model side by side, sampled and greedy."""
+    """eval.json: SFT and PPO side by side, sampled and greedy (greedy: split by the audit)."""
+    known, runs = carry_knowledge(s.init_from, a.out_dir), {"sft": reference, "ppo": policy}
     result = {"stage": "ppo", "preset": s.preset, "updates": s.updates, "device": proc.device,
-              "sampled": {"sft": sampled_heldout(reference, reference, tok, s, proc),
-                          "ppo": sampled_heldout(policy, reference, tok, s, proc)},
-              "sft": evaluate_instruct(reference, tok), "ppo": evaluate_instruct(policy, tok)}
+              "sampled": {k: sampled_heldout(m, reference, tok, s, proc) for k, m in runs.items()},
+              **{k: evaluate_instruct(m, tok, known) for k, m in runs.items()}}
     write_json(os.path.join(a.out_dir, "eval.json"), result)
     print(json.dumps(result["sampled"], indent=1))
 

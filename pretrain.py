@@ -32,7 +32,7 @@ from common import (SAVE_EVERY_SECONDS, TOKENIZER_FILE, MetricsLog, SaveClock, U
                     seed_arg, setting, split_batch, throughput, wrap_model, write_json)
 from data import prepare
 from data.tokenizer import Tokenizer
-from evaluation import evaluate_base
+from evaluation import audit_summary, evaluate_base, knowledge_audit, write_knowledge
 from model import GPT, GPTConfig
 
 
@@ -260,6 +260,9 @@ def final_evaluation(a, s, model, tok, meta, step, val, device):
     if meta["source"] == "world" and not a.no_behaviour_eval:
         t0 = time.time()
         result.update(evaluate_base(model, tok, device))
+        audit = knowledge_audit(model, tok)  # which held-out facts it knows: SFT's ceiling
+        result["knowledge_audit"] = audit_summary(audit)
+        write_knowledge(a.out_dir, audit, a.out_dir)
         result["eval_seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(a.out_dir, "eval.json"), result)
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("examples")}))

@@ -51,8 +51,8 @@ from common import (SAVE_EVERY_SECONDS, MetricsLog, SaveClock, UserError, autoca
                     write_json, write_text)
 from data import chats, teacher
 from data.comparisons import check_labeler, comparison, human_rankings, read_comparisons
-from evaluation import (answer, answer_ids, check_chat_eval_fits, evaluate_reward_model,
-                        reward_scores, right_padded)
+from evaluation import (answer, answer_ids, carry_knowledge, check_chat_eval_fits,
+                        evaluate_reward_model, reward_scores, right_padded)
 from model import ScalarHeadGPT
 
 
@@ -412,7 +412,9 @@ def final_evaluation(a, s, model, tok, sets, heldout, state, summary, step, proc
               "val_loss": val_loss, "val_accuracy": val_accuracy, "score_offset": round(offset, 6),
               "device": proc.device}
     if heldout is not None:
-        result["heldout"] = evaluate_reward_model(model, tok, heldout, proc.device, offset)
+        known = carry_knowledge(s.init_from, a.out_dir)
+        result["heldout"] = evaluate_reward_model(model, tok, heldout, proc.device, offset,
+                                                  known=known)
         result["heldout_accuracy_before_training"] = state["heldout_before"]
     result["eval_seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(a.out_dir, "eval.json"), result)

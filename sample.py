@@ -141,14 +141,17 @@ class Sampler:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             if not self.chat:  # through the decoder: --heal may cut a character in two
                 out.write(decoder.decode(tok.decode_bytes(ids[1:])))
-            reply, ended = [], None
+            reply, ended, lead = [], None, self.chat
             with autocast(self.device, self.dtype):
                 for t in self.answer_tokens(ids, tail, n, seed, kw):
                     if t in stops:
                         ended = tok.decode([t])
                         break
                     reply.append(t)
-                    out.write(decoder.decode(tok.decode_bytes([t])))
+                    piece = decoder.decode(tok.decode_bytes([t]))
+                    if lead and piece:  # the space before a turn's text (encode_turn)
+                        piece, lead = piece[piece.startswith(" "):], False
+                    out.write(piece)
                     out.flush()
             out.write(decoder.decode(b"", final=True) + "\n")
             out.flush()
@@ -165,7 +168,8 @@ class Sampler:
                 system = [{"role": "system", "content": a.system}] if a.system else []
                 request = system + (self.history if self.chat else []) + [
                     {"role": "user", "content": text}]
-                answer = tok.decode_bytes(reply)[len(tail):].decode(errors="replace")
+                answer = (tok.decode_turn(reply) if self.chat else
+                          tok.decode_bytes(reply)[len(tail):].decode(errors="replace"))
                 score = self.scorer(request, answer, ended == "<|end|>", tok)
                 print(f"[reward model score: {score:+.3f}]", file=out, flush=True)
         if self.chat and a.interactive:

@@ -157,7 +157,7 @@ class Models:
         for column, (ids, chat) in zip(self.columns, prompts):
             stops = [self.tok.eot_id] + ([end_of_turn] if chat else [])
             n = min(req["max_new_tokens"], column["model"].config.block_size - len(ids))
-            answers.append({"ids": [], "stops": stops,
+            answers.append({"ids": [], "stops": stops, "chat": chat,
                             "decoder": codecs.getincrementaldecoder("utf-8")(errors="replace"),
                             "stream": column["model"].stream(
                                 [ids], n, temperature=req["temperature"], stop_ids=stops,
@@ -176,12 +176,14 @@ class Models:
             self.tokens_generated += 1
             answer["ids"].append(token.item())
             piece = answer["decoder"].decode(self.tok.decode_bytes([token.item()]))
+            if answer["chat"] and len(answer["ids"]) == 1:  # the space before a turn's text
+                piece = piece[piece.startswith(" "):]
             send({"event": "token", "model": i, "id": token.item(), "text": piece})
             return
         answer["stream"] = None
         tail = answer["decoder"].decode(b"", final=True)  # a character cut at the last token
         ended = self.tok.decode([token.item()]) if token is not None else None
-        text = self.tok.decode(answer["ids"])
+        text = (self.tok.decode_turn if answer["chat"] else self.tok.decode)(answer["ids"])
         score = verdict = None
         if self.scorer:
             score = self.scorer(req["messages"], text, ended == "<|end|>", self.tok)

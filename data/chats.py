@@ -291,7 +291,7 @@ def sft_chats(seed=0, n=DEFAULT_N):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def eval_prompts(split="heldout", seed=0, n=None, wording="train"):
+def eval_prompts(split="heldout", seed=0, n=None, wording="train", casings=(None,)):
     """The fixed eval set: [{"messages": [system?, user], "kind", "entity", "gold", "claim": None,
     "behaviour"}].
 
@@ -300,8 +300,11 @@ def eval_prompts(split="heldout", seed=0, n=None, wording="train"):
     the held-out wordings (data/wordings.py's second CORES, never in SFT data) instead of the
     trained ones. The facts are shuffled once and behaviours assigned round-robin, so every prefix
     is balanced over BEHAVIOURS. n=None: every fact of the split once (~70 prompts per behaviour
-    held out); a larger n starts another pass in which each fact gets the next behaviour."""
-    return _prompt_items(random.Random(f"eval:{split}:{seed}"), facts(split), n, wording)
+    held out); a larger n starts another pass in which each fact gets the next behaviour, so
+    n = len(BEHAVIOURS) x the facts asks every fact under every behaviour. casings: cycled over
+    the questions (wordings.question's casing; "lower", "upper": the name recased too)."""
+    return _prompt_items(random.Random(f"eval:{split}:{seed}"), facts(split), n, wording,
+                         casings=casings)
 
 
 def claim_prompts(split="heldout", seed=0):
@@ -339,13 +342,16 @@ def follow_up_prompts(split="heldout", seed=0):
     return items
 
 
-def out_of_scope_prompts(wording="heldout"):
+def out_of_scope_prompts(wording="heldout", variants=1):
     """Every request out of scope of a wording split (data/wordings.OUT_OF_SCOPE): "heldout"
-    ones never appear in SFT data."""
+    ones never appear in SFT data. variants > 1: each also typed in up to 3 more ways (lower
+    case, after an opening, without its final mark), so that a rate rests on more than 24
+    answers."""
     index = wordings.split_index(wording)
-    return [{"messages": [{"role": "user", "content": text}], "kind": "out_of_scope",
+    typed = [str, str.lower, lambda t: "Hey, " + t[0].lower() + t[1:], lambda t: t.rstrip("?.!")]
+    return [{"messages": [{"role": "user", "content": way(text)}], "kind": "out_of_scope",
              "entity": None, "gold": None, "claim": None, "behaviour": "none"}
-            for sort in sorted(wordings.OUT_OF_SCOPE)
+            for way in typed[:variants] for sort in sorted(wordings.OUT_OF_SCOPE)
             for text in wordings.OUT_OF_SCOPE[sort][index]]
 
 
@@ -367,7 +373,7 @@ def rl_prompts(pool, seed=0, n=None):
     return _prompt_items(random.Random(f"rl:{pool}:{seed}"), mine, n, claims=RL_CLAIMS)
 
 
-def _prompt_items(rng, pool, n, wording="train", claims=0.0):
+def _prompt_items(rng, pool, n, wording="train", claims=0.0, casings=(None,)):
     """Chat prompts over facts (shuffled once), behaviours round-robin over BEHAVIOURS; a share
     `claims` of them are claims instead (no system prompt)."""
     rng.shuffle(pool)
@@ -385,7 +391,8 @@ def _prompt_items(rng, pool, n, wording="train", claims=0.0):
         behaviour = BEHAVIOURS[(i + i // len(pool)) % len(BEHAVIOURS)]
         system = system_prompt(rng, behaviour)
         messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": wordings.question(rng, kind, x, wording)}]
+            {"role": "user", "content": wordings.question(rng, kind, x, wording,
+                                                          casings[i % len(casings)])}]
         items.append({"messages": messages, "kind": kind, "entity": row["name"], "gold": gold,
                       "claim": None, "behaviour": behaviour})
     return items

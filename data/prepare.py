@@ -28,7 +28,8 @@ from data.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "cache", "world")
-DEFAULTS = dict(vocab_size=4096, seed=0, val_fraction=0.02, world_copies=None)  # the options
+DEFAULTS = dict(vocab_size=4096, seed=0, val_fraction=0.02, world_copies=None,  # the options
+                caps_per_copy=0)
 
 
 def read_text_files(paths):
@@ -165,7 +166,8 @@ def prepare(out=DEFAULT_OUT, inputs=None, tokenizer=None, quiet=False, **options
     t0 = time.time()
     if docs is None:
         copies = {} if options["world_copies"] is None else {"copies": options["world_copies"]}
-        docs = world.world_documents(seed=options["seed"], **copies) + world.shakespeare_documents()
+        docs = world.world_documents(seed=options["seed"], caps_per_copy=options["caps_per_copy"],
+                                     **copies) + world.shakespeare_documents()
         say(f"generated the bundled world: {len(docs)} documents, "
             f"{sum(map(len, docs)) / 1e6:.1f} MB")
     docs = [p for d in docs for p in pieces(d)]
@@ -312,11 +314,16 @@ def main():
     p.add_argument("--world-copies", type=positive(int), default=None,
                    help="passes the world generator makes over the fact tables (default: "
                         "world.py's own)")
+    p.add_argument("--caps-per-copy", type=nonnegative(int), default=DEFAULTS["caps_per_copy"],
+                   help="passages written in capital letters per pass over the tables, so the "
+                        "corpus spells facts in capitals too (default: 0; README: the SFT "
+                        "ablations)")
     a = p.parse_args()
     try:
         writable_dir(a.out, "--out")
         prepare(a.out, a.input, a.tokenizer, vocab_size=a.vocab_size, seed=a.seed,
-                val_fraction=a.val_fraction, world_copies=a.world_copies)
+                val_fraction=a.val_fraction, world_copies=a.world_copies,
+                caps_per_copy=a.caps_per_copy)
     except (UserError, ValueError) as e:
         die(str(e))
     except (OSError, KeyboardInterrupt) as e:  # meta.json is written last: a rerun redoes the rest

@@ -235,13 +235,16 @@ def wordings(kind, split="train"):
     return sorted(out)
 
 
-def question(rng, kind, x, split="train"):
-    """A question about one fact, in a wording drawn from the split's cores."""
+def question(rng, kind, x, split="train", casing=None):
+    """A question about one fact, in a wording drawn from the split's cores. casing "lower" or
+    "upper": the whole question in that case, the entity's name included (someone who types
+    "what is the capital of peru"); None: a casing drawn from CASINGS, the name as written."""
     core = rng.choice(CORES[kind][split_index(split)])
     opening = rng.choice(OPENINGS)
     typos = _typos(core, opening)
     typo = rng.choice(typos) if rng.random() < TYPO_RATE and typos else None
-    return compose(core, opening, draw(rng, CASINGS), draw(rng, ENDINGS), typo, x)
+    text = compose(core, opening, draw(rng, CASINGS), draw(rng, ENDINGS), typo, x)
+    return {None: str, "lower": str.lower, "upper": str.upper}[casing](text)
 
 
 def answers_of(kind):

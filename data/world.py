@@ -388,6 +388,18 @@ def _passage(rng, table, row):
     return text
 
 
+def _caps_passages(rng, facts, n):
+    """n passages about random entities in capital letters (a notice, a telegram, a shouted
+    post): data.prepare --caps-per-copy. Without them the corpus never spells a fact in
+    capitals, and a model asked to "answer in capital letters" has to spell a word it has only
+    seen capitalised (README: the SFT ablations)."""
+    out = []
+    for _ in range(n):
+        table = rng.choice(TABLES)
+        out.append(_passage(rng, table, rng.choice(facts[table])).upper())
+    return out
+
+
 def _questions(rng, facts, topic, n):
     """n distinct random questions on a topic, as {question: answer} (insertion-ordered)."""
     out = {}
@@ -462,9 +474,10 @@ _MAKERS = {"quiz": _quiz_sheet, "forum": _forum_post, "questions": _question_lis
            "answer_key": _answer_key, "faq": _faq}
 
 
-def world_documents_typed(seed=0, copies=DEFAULT_COPIES):
-    """[(type, text)] with type in passage/quiz/forum/questions/answer_key/faq/code, shuffled. Same
-    seed -> same output byte for byte (only random.Random draws, tables in file order)."""
+def world_documents_typed(seed=0, copies=DEFAULT_COPIES, caps_per_copy=0):
+    """[(type, text)] with type in passage/quiz/forum/questions/answer_key/faq/code/caps,
+    shuffled. Same seed -> same output byte for byte (only random.Random draws, tables in file
+    order)."""
     rng = random.Random(seed)
     facts = load_facts()
     docs = []
@@ -476,10 +489,12 @@ def world_documents_typed(seed=0, copies=DEFAULT_COPIES):
     # the code draws from its own generator: the prose stays the same text as without it
     docs += [("code", text) for text in code.code_documents(random.Random(f"code:{seed}"),
                                                             CODE_PER_COPY * copies)]
+    docs += [("caps", text) for text in _caps_passages(random.Random(f"caps:{seed}"), facts,
+                                                       caps_per_copy * copies)]
     rng.shuffle(docs)
     return docs
 
 
-def world_documents(seed=0, copies=DEFAULT_COPIES):
+def world_documents(seed=0, copies=DEFAULT_COPIES, caps_per_copy=0):
     """The generated world as a list of documents (strings), ready for pretraining."""
-    return [text for _, text in world_documents_typed(seed, copies)]
+    return [text for _, text in world_documents_typed(seed, copies, caps_per_copy)]

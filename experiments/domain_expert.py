@@ -138,7 +138,7 @@ def encode_pairs(tok, pairs, block_size, chat):
     out = []
     for question, text in pairs:
         prompt = prompt_ids(tok, question, chat)
-        answer = (tok.encode(text) + [tok.special("<|end|>")] if chat
+        answer = (tok.encode_turn(text) + [tok.special("<|end|>")] if chat
                   else tok.encode(f" {text}\n"))
         ids = (prompt + answer)[:block_size + 1]
         targets = [-1] * (len(prompt) - 1) + answer

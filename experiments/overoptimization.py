@@ -107,7 +107,7 @@ def best_of_n(a, proxy_dir):
         rows = sft.generate(prompts, a.max_new_tokens, temperature=a.temperature,
                             stop_ids=[end, tok.eot_id], seed=k, pad_id=tok.pad_id)
         ended = [bool(row) and row[-1] == end for row in rows]
-        texts = [tok.decode(row[:-1] if e or (row and row[-1] == tok.eot_id) else row)
+        texts = [tok.decode_turn(row[:-1] if e or (row and row[-1] == tok.eot_id) else row)
                  for row, e in zip(rows, ended)]
         proxies = reward_scores(proxy, [answer_ids(tok, it["messages"], t, e) for it, t, e in
                                         zip(items, texts, ended)], tok.pad_id, device, offset)

@@ -25,8 +25,8 @@ def test_single_turn_without_system(tok):
     ids, mask = tok.render_chat([{"role": "user", "content": "What is the capital of France?"},
                                  {"role": "assistant", "content": "Paris."}])
     assert layout(tok, ids, mask) == [
-        ("<|endoftext|>", 0), ("<|user|>", 0), ("What is the capital of France?", 0),
-        ("<|end|>", 0), ("<|assistant|>", 0), ("Paris.", 1), ("<|end|>", 1)]
+        ("<|endoftext|>", 0), ("<|user|>", 0), (" What is the capital of France?", 0),
+        ("<|end|>", 0), ("<|assistant|>", 0), (" Paris.", 1), ("<|end|>", 1)]
 
 
 def test_multi_turn_with_system(tok):
@@ -37,11 +37,11 @@ def test_multi_turn_with_system(tok):
             {"role": "assistant", "content": "Rome"}]
     ids, mask = tok.render_chat(chat)
     assert layout(tok, ids, mask) == [
-        ("<|endoftext|>", 0), ("<|system|>", 0), ("Answer in one word.", 0), ("<|end|>", 0),
-        ("<|user|>", 0), ("Capital of France?", 0), ("<|end|>", 0),
-        ("<|assistant|>", 0), ("Paris", 1), ("<|end|>", 1),
-        ("<|user|>", 0), ("And of Italy?", 0), ("<|end|>", 0),
-        ("<|assistant|>", 0), ("Rome", 1), ("<|end|>", 1)]
+        ("<|endoftext|>", 0), ("<|system|>", 0), (" Answer in one word.", 0), ("<|end|>", 0),
+        ("<|user|>", 0), (" Capital of France?", 0), ("<|end|>", 0),
+        ("<|assistant|>", 0), (" Paris", 1), ("<|end|>", 1),
+        ("<|user|>", 0), (" And of Italy?", 0), ("<|end|>", 0),
+        ("<|assistant|>", 0), (" Rome", 1), ("<|end|>", 1)]
     assert len(ids) == len(mask)
 
 
@@ -56,7 +56,18 @@ def test_a_user_cannot_forge_a_role(tok):
     specials = [t for t in ids if t >= tok.n_vocab - len(tok.specials)]
     assert [tok.specials[t - (tok.n_vocab - len(tok.specials))] for t in specials] == \
         ["<|endoftext|>", "<|user|>", "<|end|>", "<|assistant|>"]
-    assert tok.decode(ids[2:-2]) == forged
+    assert tok.decode_turn(ids[2:-2]) == forged
+
+
+def test_a_turn_opens_with_the_word_as_it_reads_mid_text(tok):
+    """An answer's first word is the token the corpus writes after a space (" Paris", whose
+    knowledge pretraining built), not the rarer pieces of "Paris" opening a text."""
+    assert tok.encode_turn("Paris.")[0] == tok.encode("The capital is Paris.")[-2]
+    assert tok.encode("Paris.")[0] != tok.encode_turn("Paris.")[0]
+    ids = tok.render_chat([{"role": "user", "content": "Capital of France?"},
+                           {"role": "assistant", "content": "Paris."}])[0]
+    assert ids[-3:-1] == tok.encode(" Paris.") and tok.decode_turn(ids[-3:-1]) == "Paris."
+    assert tok.decode_turn(tok.encode_turn("  two spaces")) == "  two spaces"
 
 
 @pytest.mark.parametrize("chat,message", [

@@ -234,3 +234,29 @@ def test_plain_prompt():
     assert chats.plain_prompt(sys_user[1:]) == "What is the capital of France?\n"
     item = chats.eval_prompts(n=1)[0]
     assert chats.plain_prompt(item["messages"]).endswith(item["messages"][-1]["content"] + "\n")
+
+
+def test_the_judged_sets_ask_every_fact_under_every_behaviour_and_recased():
+    from evaluation import instruct_eval_sets
+    sets = instruct_eval_sets()
+    facts = {(k, r["name"]) for k, r, _, _ in chats.facts("heldout")}
+    for name in ("heldout", "heldout_new_wordings", "heldout_recased"):
+        asked = collections.Counter((it["kind"], it["entity"], it["behaviour"])
+                                    for it in sets[name])
+        assert set(asked) == {(*f, b) for f in facts for b in chats.BEHAVIOURS}
+        assert set(asked.values()) == {1}
+    # the recased set is the new-wordings set typed in one case, the entity's name included
+    changed = 0
+    for new, recased in zip(sets["heldout_new_wordings"], sets["heldout_recased"]):
+        asked, typed = new["messages"][-1]["content"], recased["messages"][-1]["content"]
+        assert typed in (asked.lower(), asked.upper())
+        assert new["messages"][:-1] == recased["messages"][:-1]
+        changed += typed != asked
+    assert changed > 0.8 * len(sets["heldout_recased"])
+    assert {it["messages"][-1]["content"] for it in sets["heldout_recased"][::2]} == {
+        it["messages"][-1]["content"].lower() for it in sets["heldout_new_wordings"][::2]}
+    scope = sets["out_of_scope_new_wordings"]
+    texts = [it["messages"][0]["content"] for it in scope]
+    assert len(scope) == 4 * len(chats.out_of_scope_prompts()) and len(set(texts)) > 90
+    trained = {t for sort in wordings.OUT_OF_SCOPE.values() for t in sort[0]}
+    assert not set(texts) & trained

@@ -115,6 +115,6 @@ def test_domain_expert_trains_on_the_query_and_its_end_only(tiny_sft):
         (ids, targets), = domain_expert.encode_pairs(tok, [pair], 128, chat)
         assert len(ids) == len(targets)
         trained = [t for t in targets if t != -1]
-        assert tok.decode(trained) == (" " if not chat else "") + pair[1] + end
+        assert tok.decode(trained) == " " + pair[1] + end  # chat: encode_turn's space
         first = targets.index(trained[0])  # the position that predicts the query's first token
         assert tok.decode(ids[:first + 1]).endswith("Query:" if not chat else "<|assistant|>")

@@ -16,7 +16,7 @@ import torch
 
 import common
 import pretrain
-from data import prepare, world
+from data import chats, prepare, world
 from tests.conftest import ROOT, torchrun
 
 FAST = ["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--eval-iters", "2"]
@@ -137,6 +137,10 @@ def test_cli_contract_tiny_preset_end_to_end(tmp_path):
         hits = rate * ev[n]  # a rate is a count of prompts over the prompts asked
         assert 0 <= rate <= 1 and abs(hits - round(hits)) < 1e-6, kind
     assert len(ev["zero_shot_examples"]) == 3
+    audit = json.load(open(out / "knowledge.json"))  # the held-out facts it knows: none, yet
+    assert audit["n"] == ev["knowledge_audit"]["n"] == len(audit["facts"]) == len(
+        chats.facts("heldout"))
+    assert audit["known"] == sum(f["known"] for f in audit["facts"]) < 10
 
 
 def test_init_from_continues_pretraining_on_user_text(small_data, tmp_path):

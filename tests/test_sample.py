@@ -228,7 +228,7 @@ def test_the_loss_mask_view_marks_exactly_the_trained_tokens(tiny_sft, capsys, t
     assert "".join(text for text, _ in tokens) == tok.decode(ids)
     (tmp_path / "chat.json").write_text(json.dumps({"messages": messages}))
     out = run(capsys, "--ckpt", tiny_sft, "--loss-mask", str(tmp_path / "chat.json")).out
-    assert "Capital of Peru?<|end|><|assistant|>[Lima.<|end|>]" in out  # (not a terminal)
+    assert "Capital of Peru?<|end|><|assistant|>[ Lima.<|end|>]" in out  # (not a terminal)
     assert out.count("[") == 1 and f"{sum(mask)} of {len(mask)} tokens trained" in out
     (tmp_path / "chat.json").write_text(json.dumps({"messages": messages[:2]}))
     with pytest.raises(SystemExit):

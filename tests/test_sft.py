@@ -35,7 +35,7 @@ def test_targets_are_the_assistant_tokens_only(base):
     ids, mask = tok.render_chat(CHAT)
     assert x == ids[:-1]
     assert [t for t in y if t != -1] == [t for t, m in zip(ids, mask) if m]
-    assert tok.decode([t for t in y if t != -1]) == "Paris<|end|>Rome.<|end|>"
+    assert tok.decode([t for t in y if t != -1]) == " Paris<|end|> Rome.<|end|>"
 
 
 def test_loss_has_no_gradient_outside_the_mask(base):

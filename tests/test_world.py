@@ -177,3 +177,13 @@ def test_shakespeare_documents():
     assert sum(map(len, docs)) > 4_500_000
     assert any("To be, or not to be" in d for d in docs)
     assert any(d.startswith("THE SONNETS") for d in docs)
+
+
+def test_capital_letter_passages_are_added_beside_the_same_corpus():
+    plain = world.world_documents_typed(seed=0, copies=2)
+    caps = world.world_documents_typed(seed=0, copies=2, caps_per_copy=5)
+    added = [text for kind, text in caps if kind == "caps"]
+    assert len(added) == 10 and all(text == text.upper() for text in added)
+    assert sorted(t for k, t in caps if k != "caps") == sorted(t for _, t in plain)
+    names = {row["name"].upper() for rows in world.load_facts().values() for row in rows}
+    assert all(any(name in text for name in names) for text in added)
