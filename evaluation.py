@@ -174,9 +174,11 @@ def by_knowledge(items, verdicts, known):
 
 
 @torch.no_grad()
-def answer(model, tok, prompts, max_new=48, batch_size=64, temperature=0.0, seed=0, desc=None):
+def answer(model, tok, prompts, max_new=48, batch_size=64, temperature=0.0, seed=0, desc=None,
+           chat=True):
     """Generate from token-id prompts; returns (text, ended with <|end|>, n tokens) per prompt.
-    desc: show a progress bar with this label."""
+    desc: show a progress bar with this label. chat: the prompts are chats, so the text is an
+    assistant turn's (Tokenizer.decode_turn); False: plain text, decoded as it is."""
     stops = [tok.special("<|end|>"), tok.eot_id]
     if max(map(len, prompts)) >= model.config.block_size:
         raise ValueError(f"a prompt of {max(map(len, prompts))} tokens leaves no room in the "
@@ -191,7 +193,7 @@ def answer(model, tok, prompts, max_new=48, batch_size=64, temperature=0.0, seed
         for r in rows:
             ended = bool(r) and r[-1] == stops[0]
             body = r[:-1] if r and r[-1] in stops else r
-            out.append((tok.decode_turn(body), ended, len(body)))
+            out.append(((tok.decode_turn if chat else tok.decode)(body), ended, len(body)))
     return out
 
 
@@ -282,7 +284,7 @@ def evaluate_base_on_chat_prompts(model, tok, items):
     r = {f"chat_{k}": v for k, v in evaluate_chat(model, tok, items, examples=0).items()
          if k in ("accuracy", "end_of_turn_rate")}
     plain = [[tok.eot_id] + tok.encode(chats.plain_prompt(it["messages"])) for it in items]
-    texts = [t for t, _, _ in answer(model, tok, plain, max_new=24, temperature=1.0)]
+    texts = [t for t, _, _ in answer(model, tok, plain, max_new=24, temperature=1.0, chat=False)]
     verdicts = [teacher.judge(it, t, False) for it, t in zip(items, texts)]
     r["plain_question_rate"] = sum(map(world.is_question, texts)) / len(texts)
     r["plain_accuracy"] = sum(v["correct"] for v in verdicts) / len(texts)

@@ -89,7 +89,7 @@ def test_the_audit_travels_from_sft_to_the_reward_models_split(tiny_sft, tmp_pat
     out = tmp_path / "reward"
     reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", str(sft_dir),
                  "--out-dir", str(out), "--prompts", "32"])
-    assert evaluation.read_known(str(out)) == evaluation.known_map(audit)  # for PPO next
+    assert evaluation.read_known(str(out)) == evaluation.known_map(audit)  # beside its figures
     held = json.loads((out / "eval.json").read_text())["heldout"]
     split = held["fact_pairs_by_knowledge"]
     assert split["base_knows"]["pairs"] + split["base_does_not_know"]["pairs"] == \

@@ -287,3 +287,17 @@ def test_a_prompts_file_trains_and_its_bad_rows_are_named(tiny_sft, tiny_reward,
             ppo.main(args + ["--out-dir", str(tmp_path / "bad")])
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_answer_reaches_the_reward_model_as_the_tokens_the_policy_wrote(tiny_sft):
+    """A rollout's answer becomes text (answer_texts) and the reward model's input again
+    (answer_ids): both ways through the chat format's space, the same ids, no doubled space."""
+    from evaluation import answer_ids
+    _, tok, _ = load_checkpoint(tiny_sft)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.render_chat(messages, for_completion=True)[0]
+    written = tok.encode_turn("Paris.") + [tok.special("<|end|>")]
+    batch = {"prompt_len": len(prompt), "ids": torch.tensor([prompt + written]),
+             "mask": torch.ones(1, len(written))}
+    assert ppo.answer_texts(tok, batch) == ["Paris."]
+    assert answer_ids(tok, messages, "Paris.", True) == prompt + written
