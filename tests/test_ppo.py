@@ -183,6 +183,7 @@ def train_in_process(rank, sft_dir, out_dir, port):
         json.dump({"lines": lines, "weights": [p.double().sum().item() for p in
                                                policy.parameters()],
                    "whitened": whitened.tolist()}, f)
+    dist.barrier()  # neither tears down gloo while the other still talks to it
     dist.destroy_process_group()
 
 
