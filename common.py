@@ -108,10 +108,11 @@ def parse_stage_args(argv, doc, settings_cls, presets, out_dir, add_flags=None):
             kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str)
                                                     else f.type.__name__)
             parse = f.metadata["parse"] or (positive(kind) if kind else str)
+            why = f.metadata["why"].replace("%", "%%")  # argparse reads % as a format
             group.add_argument("--" + f.name.replace("_", "-"), type=parse,
                                default=argparse.SUPPRESS,
-                               help=f.metadata["why"] if defaults[f.name] is None else
-                               f"{f.metadata['why']} (default: {defaults[f.name]})")
+                               help=why if defaults[f.name] is None else
+                               f"{why} (default: {defaults[f.name]})")
     a = p.parse_args(argv)
     a.given = {f.name: vars(a)[f.name] for f in fields(settings_cls)
                if "why" in f.metadata and f.name in vars(a)}
