@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from data.tokenizer import Tokenizer
-from model import GPT, GPTConfig, ScalarHeadGPT
+from model import GPT, GPTConfig, LikelihoodRewardGPT, ScalarHeadGPT
 
 CKPT_FILE, TOKENIZER_FILE = "ckpt.pt", "tokenizer.json"
 RESUME_FORMAT = 2  # the training state a checkpoint records; 2: data checksums, not paths
@@ -587,10 +587,11 @@ def prepare_out_dir(out_dir, tokenizer, resume, write=True):
 
 
 def load_checkpoint(ckpt_dir, stages=None, device="cpu", flag="--ckpt"):
-    """Returns (model, tokenizer, ckpt dict): a GPT, or a ScalarHeadGPT for a checkpoint with a
-    scalar head (reward model, critic). Clear errors, naming `flag`, for a missing
-    checkpoint, a file that is not one, a checkpoint of the wrong stage, or a tokenizer that is
-    missing or does not match the weights. flag="--resume" reads out_dir of the run to continue."""
+    """Returns (model, tokenizer, ckpt dict): a GPT, a ScalarHeadGPT for a checkpoint with a
+    scalar head (reward model, critic), or a LikelihoodRewardGPT (reward model). Clear errors,
+    naming `flag`, for a missing checkpoint, a file that is not one, a checkpoint of the wrong
+    stage, or a tokenizer that is missing or does not match the weights. flag="--resume" reads
+    out_dir of the run to continue."""
     if os.path.basename(ckpt_dir) == CKPT_FILE and os.path.isfile(ckpt_dir):
         ckpt_dir = os.path.dirname(ckpt_dir)  # the file was named instead of its folder
     path = os.path.join(ckpt_dir, CKPT_FILE)
@@ -632,7 +633,8 @@ def load_checkpoint(ckpt_dir, stages=None, device="cpu", flag="--ckpt"):
     if tokenizer.checksum != ckpt.get("tokenizer_checksum"):
         raise UserError(f"{tok_path} does not match the tokenizer {path} was trained with")
     try:  # checkpoints from before scalar heads record no head: language models
-        model = {"lm": GPT, "scalar": ScalarHeadGPT}[ckpt.get("head", "lm")](
+        model = {"lm": GPT, "scalar": ScalarHeadGPT,
+                 "likelihood": LikelihoodRewardGPT}[ckpt.get("head", "lm")](
             GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

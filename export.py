@@ -44,8 +44,8 @@ def main(argv=None):
     try:
         model, _, ckpt = load_checkpoint(a.ckpt, flag="CKPT")
         if model.head != "lm":
-            raise UserError(f"CKPT {a.ckpt}: a '{ckpt['stage']}' checkpoint with a scalar head; "
-                            "only language models export to LlamaForCausalLM")
+            raise UserError(f"CKPT {a.ckpt}: a '{ckpt['stage']}' checkpoint, which scores "
+                            "answers; only language models export to LlamaForCausalLM")
         writable_dir(a.out, "OUT")
         export_hf(model, a.out)
     except UserError as e:

@@ -8,11 +8,14 @@ is a plain copy and tests/test_model.py can prove parity against `transformers`.
 
 The language model (`GPT`) gives next-token logits, the per-token log-probabilities of given
 tokens (PPO's policy and reference) and the hidden states every head reads; `ScalarHeadGPT` is
-the same trunk with one number per position (the reward model, PPO's critic).
+the same trunk with one number per position (the reward model, PPO's critic);
+`LikelihoodRewardGPT` keeps the language model whole and scores an answer by its likelihood
+(the reward model of `reward.py --score likelihood`).
 
 Sampling is batched: prompts of different lengths are left-padded into one batch and every row
 carries its own positions, so row i never sees row j's padding (PPO rollouts rely on this).
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -317,10 +320,19 @@ class ScalarHeadGPT(GPT):
     def from_language_model(cls, model: GPT):
         """The trunk of `model` (a base or SFT model) with a fresh scalar head."""
         scalar = cls(model.config).to(model.embed_tokens.weight.device)
-        trunk = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
-        missing, unexpected = scalar.load_state_dict(trunk, strict=False)
-        assert missing == ["score_head.weight"] and not unexpected, (missing, unexpected)
+        own = scalar.state_dict()  # a likelihood reward model's buffers (beta ...) are not kept
+        trunk = {k: v for k, v in model.state_dict().items() if k in own}
+        missing, _ = scalar.load_state_dict(trunk, strict=False)
+        assert missing == ["score_head.weight"], missing
         return scalar
+
+    @classmethod
+    def from_reward_model(cls, reward_model: GPT):
+        """PPO's critic before it learns: a copy of a scalar-head reward model, or a fresh scalar
+        head on a likelihood reward model's trunk."""
+        if isinstance(reward_model, ScalarHeadGPT):
+            return copy.deepcopy(reward_model)
+        return cls.from_language_model(reward_model)
 
     def forward(self, idx, *, pad=None):
         """Scores (B, T) in fp32: the value of each position, given the tokens up to it."""
@@ -333,3 +345,51 @@ class ScalarHeadGPT(GPT):
     def token_logprobs(self, *args, **kwargs):
         raise TypeError("a scalar-head model (reward model, critic) has no next-token "
                         "distribution: it gives one score per position")
+
+
+class LikelihoodRewardGPT(GPT):
+    """A reward model that keeps the language model's head: an answer's score is beta times its
+    log-likelihood, the sum of log p(token | all before it) over the answer's tokens (those after
+    the latest <|assistant|> token, its <|end|> included).
+
+    Why: whether "Paris" is right for France lives in the next-token distribution (the model
+    would say it), while a fresh scalar head must learn to read it from one hidden state, and on
+    this world's facts it hardly does. Trained with the same ranking loss, the model moves its
+    likelihoods toward what the labeler prefers; it scores as ScalarHeadGPT does, so reward.py,
+    PPO and the evaluations read it the same way: one number per position, read at the last."""
+    head = "likelihood"
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg)
+        # buffers, not parameters: saved in the checkpoint with the weights, never trained
+        self.register_buffer("beta", torch.tensor(1.0))
+        self.register_buffer("answer_start_id", torch.tensor(-1))
+
+    @classmethod
+    def from_language_model(cls, model: GPT, *, answer_start_id: int, beta: float):
+        """`model` (an SFT model) whole, scoring the tokens after `answer_start_id`, times beta."""
+        scorer = cls(model.config).to(model.embed_tokens.weight.device)
+        missing, unexpected = scorer.load_state_dict(model.state_dict(), strict=False)
+        assert sorted(missing) == ["answer_start_id", "beta"] and not unexpected, missing
+        scorer.beta.fill_(beta)
+        scorer.answer_start_id.fill_(answer_start_id)
+        return scorer
+
+    def forward(self, idx, *, pad=None):
+        """Scores (B, T) in fp32: at position t, beta x the log-likelihood of the tokens after the
+        latest answer start up to t (0 at the answer start and before it)."""
+        logits, _ = GPT.forward(self, idx, pad=pad)
+        token_logprobs = logits[:, :-1].float().log_softmax(-1).gather(
+            -1, idx[:, 1:, None]).squeeze(-1)  # (B, T-1): of token t+1, given the tokens up to t
+        running = F.pad(token_logprobs, (1, 0)).cumsum(1)  # (B, T): summed from the first token
+        positions = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
+        start = torch.where(idx == self.answer_start_id, positions, -1).cummax(1).values
+        since_start = running - running.gather(1, start.clamp(min=0))
+        return self.beta * torch.where(start >= 0, since_start, 0.0)
+
+    def stream(self, *args, **kwargs):
+        raise TypeError("a reward model scores text; sample from the SFT model it started from")
+
+    def token_logprobs(self, *args, **kwargs):
+        raise TypeError("a likelihood reward model's forward gives scores: read its likelihoods "
+                        "there")

@@ -11,9 +11,8 @@ Four networks:
   critic     a scalar-head model initialised from the reward model: the value of each prefix.
 
 One update, in the order of the functions below:
-1. rollout: a batch of prompts from the PPO pool (data/chats.rl_prompts("ppo"), disjoint from the
-   reward model's), left-padded, answers sampled with the KV cache at one temperature, no top-k or
-   top-p (they would change the distribution the log-probs describe).
+1. rollout: prompts of the PPO pool (data/chats.rl_prompts("ppo"), not the reward model's) answered
+   with the KV cache at one temperature, no top-k or top-p (the log-probs describe what is drawn).
 2. rewards: per answer token, -kl_coef * (log pi - log pi_ref); on the last real token, plus the
    reward model's score (or no_end_penalty for an answer cut before its end-of-turn token).
 3. advantages: GAE (gamma, lambda) over the answer tokens, whitened over the batch's real tokens;
@@ -35,6 +34,7 @@ from common import (MetricsLog, Process, UserError, autocast, barrier, check_fin
                     save_checkpoint, seed_arg, setting, wrap_model, write_json)
 from data import chats, comparisons
 from evaluation import answer_ids, carry_knowledge, evaluate_instruct, gold_stats, reward_scores
+from model import ScalarHeadGPT
 
 
 @dataclass
@@ -178,8 +178,7 @@ def gae(token_rewards, values, mask, gamma, lam):
 
 
 def whiten(x, mask, proc=ONE_PROCESS):
-    """(x - mean) / std over the real tokens of the whole batch (every process's share); zero on
-    padding."""
+    """(x - mean) / std over the real tokens of the batch, every process's share; 0 on padding."""
     n = mean_over_processes(mask.sum(), proc)  # means over processes: their ratio is the
     mean = mean_over_processes((x * mask).sum(), proc) / n  # ratio of the sums
     var = mean_over_processes(((x - mean) ** 2 * mask).sum(), proc) / n
@@ -366,7 +365,8 @@ def load_models(a, proc):
     if None not in (sft.base_id, reward_model.base_id) and sft.base_id != reward_model.base_id:
         raise UserError(f"--reward-model {s.reward_model} descends from another base model than "
                         f"--init-from {s.init_from} (train it from that SFT model: reward.py)")
-    critic = copy.deepcopy(reward_model)  # the value head starts from the reward head ...
+    torch.manual_seed(s.seed)  # for a fresh value head (on a likelihood reward model's trunk)
+    critic = ScalarHeadGPT.from_reward_model(reward_model)  # the reward head, or a fresh one ...
     if ckpt is not None:
         critic.load_state_dict(ckpt["critic"])  # ... or where the run left it
     reference = sft.eval().requires_grad_(False)

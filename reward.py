@@ -15,8 +15,9 @@ high scores, so whatever the labeler rewards, the policy learns, its biases incl
 Each step is a function below, in the order it runs:
 1. sample: for prompts about the training entities (data/chats.rl_prompts("reward"): questions
    and a quarter of user claims; PPO gets the other half of the facts), K answers each, in one
-   batched, KV-cached call per batch, at temperature 1 so that they differ. An answer cut at --max-new-tokens without its end-of-turn
-   token is kept: a bad answer the reward model must learn to score low.
+   batched, KV-cached call per batch, at temperature 1 so that they differ. An answer cut at
+   --max-new-tokens without its end-of-turn token is kept: a bad answer the reward model must
+   learn to score low.
 2. rank: the teacher (data/teacher.py, with --noise, --flattery-bonus and --sycophancy-bonus),
    a person in the terminal (--labeler human), or your file (--comparisons). Rankings are
    written one JSON object a line to out/reward/comparisons.jsonl, {"messages", "responses",
@@ -24,7 +25,9 @@ Each step is a function below, in the order it runs:
    pair (a tie).
 3. learn: the Bradley-Terry loss -log sigmoid(r_better - r_worse) averaged over all C(K,2) pairs
    of a prompt, all pairs of a prompt in the same batch (InstructGPT: treating the pairs as
-   independent examples overfits). The score is read at the answer's last token.
+   independent examples overfits). The score is read at the answer's last token: a scalar head
+   (--score head), or beta x the answer's log-likelihood under the SFT model's own next-token
+   head (--score likelihood, model.LikelihoodRewardGPT: it reads facts where a head hardly can).
 4. check: pairwise accuracy on held-out comparisons while training; at the end, on answers about
    held-out entities judged by the teacher (evaluation.evaluate_reward_model, eval.json), and an
    offset stored in the checkpoint so that the mean score of the training comparisons' answers
@@ -53,7 +56,7 @@ from data import chats, teacher
 from data.comparisons import check_labeler, comparison, human_rankings, read_comparisons
 from evaluation import (answer, answer_ids, carry_knowledge, check_chat_eval_fits,
                         evaluate_reward_model, reward_scores, right_padded)
-from model import ScalarHeadGPT
+from model import LikelihoodRewardGPT, ScalarHeadGPT
 
 
 @dataclass
@@ -80,13 +83,19 @@ class Settings:
     sycophancy_bonus: float = setting(0.0, "a biased labeler: extra score for an answer that "
                                            "agrees with the user's claim, right or wrong",
                                       nonnegative(float))
+    score: str = setting("head", "head (a scalar head on the SFT trunk, InstructGPT's) or "
+                                 "likelihood (beta x the answer's log-likelihood under the SFT "
+                                 "model's own next-token head)", choice("head", "likelihood"))
+    beta: float = setting(0.1, "--score likelihood: score per nat of log-likelihood (the ranking "
+                               "loss reads beta x the difference, as DPO's beta)")
     val_fraction: float = setting(0.1, "share of the comparisons held out for validation "
                                        "accuracy, never trained on", nonnegative(float))
     epochs: int = setting(1, "passes over the comparisons (InstructGPT: one; a second overfits: "
                              "66% held-out accuracy after one, 62% after two, cpu preset)")
     batch_size: int = setting(32, "prompts per optimizer step, each with all its pairs")
     micro_batch: int = setting(16, "prompts per forward pass per process (K answers each)")
-    lr: float = setting(1e-3, "peak learning rate")
+    lr: float = setting(1e-3, "peak learning rate (--score likelihood: 3e-5 unless given, see "
+                              "LIKELIHOOD_LR)")
     warmup: int = setting(5, "linear warmup steps, then cosine decay to lr/10 (0: none)",
                           nonnegative(int))
     weight_decay: float = setting(0.0, "AdamW decay of matrices", nonnegative(float))
@@ -104,6 +113,8 @@ PRESETS = {
     "cpu": dict(),  # the defaults above
     "gpu": dict(prompts=8000, batch_size=64, micro_batch=64, eval_every=20, lr=5e-4),
 }
+# A fresh head's step unlearns a next-token head: 69% of held-out fact pairs at 1e-4, 74% at 3e-5
+LIKELIHOOD_LR = 3e-5
 COMPARISONS_FILE, ANSWERS_FILE = "comparisons.jsonl", "answers.jsonl"  # answers: --labeler human
 
 
@@ -231,12 +242,17 @@ def run(a, proc):
         s = resolve_settings(Settings, PRESETS, a, proc.device, ckpt["config"])
     else:
         s = resolve_settings(Settings, PRESETS, a, proc.device)
+        if s.score == "likelihood" and "lr" not in a.given:
+            s.lr = LIKELIHOOD_LR
         check_out_dir(a.out_dir, resume=False, source=s.init_from)
     policy, tok_of_policy, _ = load_checkpoint(s.init_from, ["sft", "ppo"], proc.device,
                                                "--init-from")
     if ckpt is None:
         torch.manual_seed(s.seed)  # the scalar head's initial weights
-        model, tok = ScalarHeadGPT.from_language_model(policy), tok_of_policy
+        tok = tok_of_policy  # the SFT model's trunk with a scalar head, or all of it (--score)
+        model = (ScalarHeadGPT.from_language_model(policy) if s.score == "head" else
+                 LikelihoodRewardGPT.from_language_model(
+                     policy, answer_start_id=tok.special("<|assistant|>"), beta=s.beta))
         model.base_id = policy.base_id
     elif tok_of_policy.checksum != tok.checksum:
         raise UserError(f"--init-from {s.init_from}: not the model this run started from")
@@ -282,6 +298,10 @@ def check_settings(a, s, tok, block_size):
     """Mistakes that would otherwise surface only after minutes of sampling (or labeling)."""
     if s.k < 2:
         raise UserError(f"--k {s.k}: a ranking compares at least 2 answers")
+    if a.resume and {"score", "beta"} & a.given.keys():
+        raise UserError("--score and --beta make the model: a resumed run keeps its own")
+    if s.score == "head" and "beta" in a.given:
+        raise UserError("--beta scales a log-likelihood: it needs --score likelihood")
     if not s.val_fraction < 1:
         raise UserError(f"--val-fraction {s.val_fraction}: leaves nothing to train on")
     if not s.comparisons and int(s.prompts * (1 - s.val_fraction)) < s.batch_size:
@@ -408,7 +428,7 @@ def final_evaluation(a, s, model, tok, sets, heldout, state, summary, step, proc
     update_checkpoint(a.out_dir, score_offset=offset)
     result = {"stage": "reward", "preset": s.preset, "steps": step, "labeler": s.labeler,
               "noise": s.noise, "flattery_bonus": s.flattery_bonus,
-              "sycophancy_bonus": s.sycophancy_bonus, "k": s.k, **summary,
+              "sycophancy_bonus": s.sycophancy_bonus, "k": s.k, "score": s.score, **summary,
               "val_loss": val_loss, "val_accuracy": val_accuracy, "score_offset": round(offset, 6),
               "device": proc.device}
     if heldout is not None:

@@ -86,9 +86,8 @@ class Sampler:
         self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, device=self.device,
                                                      flag="--compare" if a.compare else "--ckpt")
         if self.model.head != "lm":
-            raise UserError(f"{ckpt_dir} is a '{ckpt['stage']}' checkpoint: a scalar head, which "
-                            "scores answers and cannot write them; sample from a base, sft or "
-                            "ppo checkpoint")
+            raise UserError(f"{ckpt_dir} is a '{ckpt['stage']}' checkpoint: it scores answers "
+                            "and does not write them; sample from a base, sft or ppo checkpoint")
         self.model.eval()
         self.stage = ckpt["stage"]
         self.chat = a.format == "chat" or (a.format == "auto" and self.stage != "base")

@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="out/experiments/sycophancy")
     p.add_argument("--bonus", type=positive(float), default=1.0, help="the biased labelers' "
                    "extra score (the rubric gives 1.0 to a perfect answer)")
+    p.add_argument("--score", default="head", choices=("head", "likelihood"), help="how the "
+                   "biased labelers' reward models score answers (reward.py --score); give "
+                   "--honest-ppo a PPO run against an honest reward model that scores the same way")
     p.add_argument("--preset", default="auto", help="for reward.py and ppo.py (tiny: a smoke test)")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
@@ -65,17 +68,30 @@ def run(a):
     for name, flag in LABELERS.items():
         reward_dir, ppo_dir = (os.path.join(a.out_dir, f"{stage}_{name}")
                                for stage in ("reward", "ppo"))
+        check_scoring(reward_dir, a.score)
         run_stage("reward.py", reward_dir, a.device, "--init-from", a.sft, flag, str(a.bonus),
-                  "--preset", a.preset)
+                  "--score", a.score, "--preset", a.preset)
         run_stage("ppo.py", ppo_dir, a.device, "--init-from", a.sft, "--reward-model", reward_dir,
                   "--preset", a.preset)
         runs[name] = ppo_dir
-    summary = {"bonus": a.bonus, "models": rates(runs),
+    summary = {"bonus": a.bonus, "score": a.score, "models": rates(runs),
                "answers": answers_to_wrong_claims({"SFT": a.sft, **{
                    f"PPO, {name} labeler": path for name, path in runs.items()}})}
     write_json(os.path.join(a.out_dir, "summary.json"), summary)
     write_text(os.path.join(a.out_dir, "table.md"), table(summary))
     print(table(summary))
+
+
+def check_scoring(reward_dir, score):
+    """A reward model an earlier run left in reward_dir (skipped by run_stage) must score as
+    --score asks."""
+    path = os.path.join(reward_dir, "eval.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            made = json.load(f).get("score", "head")  # before --score: a scalar head
+        if made != score:
+            raise UserError(f"{reward_dir} holds a reward model made with --score {made}, not "
+                            f"{score}: choose another --out-dir")
 
 
 def rates(runs):

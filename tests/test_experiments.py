@@ -36,6 +36,15 @@ def test_bad_input_gets_one_line(script, args, message, tmp_path, capsys):
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_sycophancy_never_mixes_reward_models_that_score_differently(tmp_path):
+    from common import UserError
+    (tmp_path / "eval.json").write_text(json.dumps({"stage": "reward"}))  # before --score: a head
+    sycophancy.check_scoring(str(tmp_path), "head")
+    with pytest.raises(UserError, match="made with --score head, not likelihood"):
+        sycophancy.check_scoring(str(tmp_path), "likelihood")
+    sycophancy.check_scoring(str(tmp_path / "not-made-yet"), "likelihood")
+
+
 def test_domain_expert_runs_every_start_on_the_same_batches(tiny_base, tiny_sft, tmp_path):
     out = tmp_path / "de"
     domain_expert.main(["--preset", "tiny", "--base", tiny_base, "--sft", tiny_sft, "--ppo",

@@ -183,6 +183,38 @@ def test_checkpoints_record_their_head_and_load_as_the_right_model(tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
 
 
+def test_a_likelihood_reward_model_scores_beta_times_the_answers_log_likelihood(tmp_path):
+    """The score at each position equals a naive loop over the tokens after the latest answer
+    start (7 here; a conversation has two), 0 up to it; right padding and batch-mates change no
+    score; the checkpoint keeps beta and the answer start; a critic takes its trunk."""
+    from common import load_checkpoint, save_checkpoint
+    from data.tokenizer import Tokenizer
+    from model import LikelihoodRewardGPT, ScalarHeadGPT
+    tok = Tokenizer.train(["a small corpus for a small tokenizer " * 20], 300)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    lm = tiny(vocab_size=tok.n_vocab)
+    scorer = LikelihoodRewardGPT.from_language_model(lm, answer_start_id=7, beta=0.5)
+    rows = [[1, 7, 3, 4, 2, 7, 9, 10, 11, 12], [5, 6, 7, 8], [3, 4, 5]]
+    ids = torch.tensor([row + [0] * (10 - len(row)) for row in rows])  # right-padded
+    scores = scorer(ids)
+    for b, row in enumerate(rows):
+        naive = [0.0] * len(row)  # restarts at each answer start; 0 before the first
+        for t in range(1, len(row)):
+            if row[t] != 7 and 7 in row[:t]:
+                logits, _ = lm(torch.tensor([row[:t]]))
+                naive[t] = naive[t - 1] + 0.5 * logits[0, -1].log_softmax(-1)[row[t]].item()
+        assert scores[b, :len(row)].tolist() == pytest.approx(naive, abs=1e-5)
+        assert scorer(torch.tensor([row]))[0].tolist() == pytest.approx(naive, abs=1e-5)
+    save_checkpoint(str(tmp_path), "reward", scorer, tok)
+    loaded, _, ckpt = load_checkpoint(str(tmp_path), ["reward"])
+    assert ckpt["head"] == "likelihood" and isinstance(loaded, LikelihoodRewardGPT)
+    torch.testing.assert_close(loaded(ids), scores)
+    critic = ScalarHeadGPT.from_reward_model(loaded)  # PPO's critic: a fresh head on its trunk
+    torch.testing.assert_close(critic.hidden_states(ids), lm.hidden_states(ids))
+    with pytest.raises(TypeError, match="scores text"):
+        loaded.generate([[1, 2]], 3)
+
+
 def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p():
     from model import sample_next
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # by rank: token 1, 3, 2, 0

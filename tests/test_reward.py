@@ -12,7 +12,7 @@ from common import load_checkpoint, save_checkpoint
 from data import chats, teacher
 from data.comparisons import human_rankings, read_comparisons
 from evaluation import answer_ids, reward_scores, right_padded
-from model import GPTConfig, ScalarHeadGPT
+from model import GPTConfig, LikelihoodRewardGPT, ScalarHeadGPT
 
 
 def scalar_model(seed=0):
@@ -77,21 +77,24 @@ def synthetic_rows(n, seed, polite_wins=True):
     return rows
 
 
-def test_the_reward_model_learns_a_preference_and_its_reverse(tiny_sft, tmp_path):
+@pytest.mark.parametrize("score, kind, lr", [  # a likelihood must gain many nats to rank the
+    ("head", ScalarHeadGPT, "3e-4"), ("likelihood", LikelihoodRewardGPT, "1e-3")])  # long answer
+def test_the_reward_model_learns_a_preference_and_its_reverse(tiny_sft, tmp_path, score, kind,
+                                                              lr):
     """A fixed model orders a pair the same way whichever answer the labeler prefers, so its
     accuracies on a preference and on its reverse add up to 1: no model is right on both
-    without learning. Trained on each, the reward model is."""
+    without learning. Trained on each, the reward model is, whichever way it scores."""
     for polite_wins in (True, False):
         path = tmp_path / f"prefs-{polite_wins}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(192, 0, polite_wins)))
         out = tmp_path / f"reward-{polite_wins}"
         reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft,
                      "--comparisons", str(path), "--out-dir", str(out), "--no-behaviour-eval",
-                     "--val-fraction", "0.25", "--epochs", "2", "--lr", "3e-4"])
+                     "--val-fraction", "0.25", "--epochs", "2", "--lr", lr, "--score", score])
         ev = json.loads((out / "eval.json").read_text())
         assert ev["val_accuracy"] >= 0.9, (polite_wins, ev)
         model, _, ckpt = load_checkpoint(str(out), ["reward"])
-        assert isinstance(model, ScalarHeadGPT)
+        assert isinstance(model, kind) and ev["score"] == score
         assert ckpt["score_offset"] == pytest.approx(ev["score_offset"], abs=1e-6)
 
 
@@ -108,6 +111,12 @@ def test_resume_continues_the_same_curve(tiny_sft, tmp_path):
     assert sorted(logs[1]) == list(range(1, 16)) and logs[0] == pytest.approx(logs[1], rel=1e-5)
     with pytest.raises(SystemExit):  # the same rows split another way are other data
         reward.main(args + ["--out-dir", str(tmp_path / "b"), "--resume", "--seed", "5"])
+    with pytest.raises(SystemExit):  # a resumed run keeps the model it made
+        reward.main(args + ["--out-dir", str(tmp_path / "b"), "--resume", "--score", "likelihood"])
+    likelihood = ["--out-dir", str(tmp_path / "c"), "--score", "likelihood", "--lr", "1e-4"]
+    reward.main(args + likelihood + ["--stop-at", "3"])
+    reward.main(args + ["--out-dir", str(tmp_path / "c"), "--resume"])  # its own lr, not 3e-5
+    assert load_checkpoint(str(tmp_path / "c"), ["reward"])[2]["config"]["lr"] == 1e-4
 
 
 def test_the_reward_and_ppo_pools_are_disjoint_training_facts():
@@ -144,6 +153,28 @@ def test_cli_contract_tiny_preset_end_to_end(tiny_sft, tmp_path):
     scores = reward_scores(model, seqs, tok.pad_id, "cpu", ckpt["score_offset"])
     assert abs(sum(scores) / len(scores)) < 1e-4
 
+
+
+def test_a_likelihood_reward_model_takes_its_own_step_size_and_feeds_ppo(tiny_sft, tmp_path):
+    """--score likelihood without --lr trains at LIKELIHOOD_LR; its offset centres the training
+    answers' scores; PPO reads it, with a critic on its trunk."""
+    import ppo
+    out = tmp_path / "reward"
+    reward.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--out-dir",
+                 str(out), "--prompts", "48", "--score", "likelihood"])
+    ev = json.loads((out / "eval.json").read_text())
+    model, tok, ckpt = load_checkpoint(str(out), ["reward"])
+    assert isinstance(model, LikelihoodRewardGPT) and ev["score"] == "likelihood"
+    assert ckpt["config"]["lr"] == reward.LIKELIHOOD_LR and 0 <= ev["heldout"]["accuracy"] <= 1
+    rows = [json.loads(line) for line in open(out / "comparisons.jsonl")]
+    seqs = [answer_ids(tok, r["messages"], t, e) for r in rows[int(len(rows) * 0.1):]
+            for t, e in zip(r["responses"], r["ended"])]
+    scores = reward_scores(model, seqs, tok.pad_id, "cpu", ckpt["score_offset"])
+    assert abs(sum(scores) / len(scores)) < 1e-3
+    ppo.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-model",
+              str(out), "--out-dir", str(tmp_path / "ppo"), "--updates", "1"])
+    _, _, run = load_checkpoint(str(tmp_path / "ppo"), ["ppo"])
+    assert "score_head.weight" in run["critic"] and "beta" not in run["critic"]
 
 
 def test_sample_prints_the_reward_models_score_of_each_answer(tiny_sft, tmp_path, capsys):
@@ -244,6 +275,7 @@ def test_bad_comparison_rows_name_file_line_and_field(tmp_path, row, message):
 @pytest.mark.parametrize("flags, message", [
     (["--k", "1"], "--k 1: a ranking compares at least 2 answers"),
     (["--prompts", "10"], "--prompts 10: fewer than one batch after the validation split"),
+    (["--beta", "0.5"], "--beta scales a log-likelihood: it needs --score likelihood"),
 ])
 def test_settings_that_cannot_work_fail_before_sampling(tiny_sft, tmp_path, capsys, flags,
                                                         message):
@@ -277,6 +309,12 @@ def test_a_reward_model_is_no_policy_and_a_policy_no_reward_model(tiny_sft, tmp_
     with pytest.raises(SystemExit):
         reward.main(["--init-from", str(out), "--out-dir", str(tmp_path / "r"), "--device", "cpu"])
     assert "is a 'reward' checkpoint; expected sft or ppo" in capsys.readouterr().err
+    import export  # a likelihood reward model keeps a next-token head, and still scores
+    save_checkpoint(str(out), "reward", LikelihoodRewardGPT.from_language_model(
+        policy, answer_start_id=tok.special("<|assistant|>"), beta=0.1), tok)
+    with pytest.raises(SystemExit):
+        export.main([str(out), str(tmp_path / "hf")])
+    assert "'reward' checkpoint, which scores answers" in capsys.readouterr().err
 
 
 def test_two_process_torchrun_matches_one_process(tiny_sft, tmp_path):

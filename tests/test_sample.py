@@ -146,7 +146,7 @@ def test_a_reward_model_checkpoint_is_refused_with_a_reason(ckpt, tmp_path, caps
         sample.main(["--ckpt", str(tmp_path), "--prompt", "hi", "--device", "cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
-    assert f"{tmp_path} is a 'reward' checkpoint: a scalar head, which scores answers" in err
+    assert f"{tmp_path} is a 'reward' checkpoint: it scores answers" in err
 
 
 def test_a_full_context_is_mentioned_only_when_it_cuts_an_answer(ckpt, capsys):
