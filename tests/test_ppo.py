@@ -185,6 +185,10 @@ def train_in_process(rank, sft_dir, out_dir, port):
                    "whitened": whitened.tolist()}, f)
     dist.barrier()  # neither tears down gloo while the other still talks to it
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown: now and then a gloo thread still alive there
+    # aborted the process ("terminate called without an active exception") after its work was
+    # written; what the test checks is in the files above.
+    os._exit(0)
 
 
 def test_two_processes_stay_in_step_and_share_their_statistics(tiny_sft, tmp_path):
