@@ -217,7 +217,7 @@ class GPT(nn.Module):
         mask them."""
         if not temperature > 0:
             raise ValueError(f"temperature {temperature}: log-probs need a temperature above 0")
-        logits, _ = self(idx, pad=pad)
+        logits, _ = GPT.forward(self, idx, pad=pad)  # the next-token head's, whatever forward is
         logprobs = (logits[:, :-1].float() / temperature).log_softmax(-1)
         return logprobs.gather(-1, idx[:, 1:, None]).squeeze(-1)
 
@@ -378,9 +378,7 @@ class LikelihoodRewardGPT(GPT):
     def forward(self, idx, *, pad=None):
         """Scores (B, T) in fp32: at position t, beta x the log-likelihood of the tokens after the
         latest answer start up to t (0 at the answer start and before it)."""
-        logits, _ = GPT.forward(self, idx, pad=pad)
-        token_logprobs = logits[:, :-1].float().log_softmax(-1).gather(
-            -1, idx[:, 1:, None]).squeeze(-1)  # (B, T-1): of token t+1, given the tokens up to t
+        token_logprobs = self.token_logprobs(idx, pad=pad)  # (B, T-1): token t+1's, given up to t
         running = F.pad(token_logprobs, (1, 0)).cumsum(1)  # (B, T): summed from the first token
         positions = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
         start = torch.where(idx == self.answer_start_id, positions, -1).cummax(1).values
@@ -389,7 +387,3 @@ class LikelihoodRewardGPT(GPT):
 
     def stream(self, *args, **kwargs):
         raise TypeError("a reward model scores text; sample from the SFT model it started from")
-
-    def token_logprobs(self, *args, **kwargs):
-        raise TypeError("a likelihood reward model's forward gives scores: read its likelihoods "
-                        "there")
