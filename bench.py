@@ -22,9 +22,10 @@ import time
 
 import torch
 
-from common import (UserError, autocast, die, maybe_compile, peak_flops, pick_device, pick_dtype,
-                    positive, preset_for, stop_reason, writable_dir)
+from cli import preset_for
+from ground import UserError, die, positive, stop_reason, writable_dir
 from model import GPT, GPTConfig, ScalarHeadGPT
+from training import autocast, maybe_compile, peak_flops, pick_device, pick_dtype
 
 # The model and micro-batch of pretrain.py's presets of the same names (a stage script is never
 # imported; tests/test_structure.py checks that they still match).
@@ -38,7 +39,8 @@ SHAPES = {
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -146,7 +148,7 @@ def bench_reward(cfg, device, dtype, prompts=32, k=3, prompt_len=24, answer_len=
     return out
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["auto", *SHAPES], default="auto",
@@ -160,40 +162,40 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=positive(int), default=10, help="timed training steps")
     p.add_argument("--out", help="also write the JSON here")
-    a = p.parse_args()
+    args = p.parse_args(argv)
     try:  # mistakes are one line, before the benchmarks, never a traceback after them
-        device = pick_device(a.device)
-        dtype = pick_dtype(a.dtype, device)
-        if a.out and os.path.isdir(a.out):
-            raise UserError(f"--out {a.out}: a folder; name the JSON file to write")
-        if a.out:
-            writable_dir(os.path.dirname(os.path.abspath(a.out)), "--out")
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        if args.out and os.path.isdir(args.out):
+            raise UserError(f"--out {args.out}: a folder; name the JSON file to write")
+        if args.out:
+            writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     except UserError as e:
         die(str(e))
     try:
-        run_benchmarks(a, device, dtype)
+        run_benchmarks(args, device, dtype)
     except (KeyboardInterrupt, OSError) as e:  # Ctrl-C, or writing --out on a full disk
         sys.exit(f"stopped: {stop_reason(e)}")
 
 
-def run_benchmarks(a, device, dtype):
-    preset = a.preset if a.preset != "auto" else preset_for(device)
+def run_benchmarks(args, device, dtype):
+    preset = args.preset if args.preset != "auto" else preset_for(device)
     shape = dict(SHAPES[preset])
     micro_batch = shape.pop("micro_batch")
     cfg = GPTConfig(vocab_size=4096, **shape)
-    parts = a.only or ["tokenizer", "train", "generate", "reward"] + (
+    parts = args.only or ["tokenizer", "train", "generate", "reward"] + (
         ["gpt2"] if device == "cuda" else [])
     result = dict(date=time.strftime("%Y-%m-%d"), device=device, dtype=str(dtype).split(".")[-1],
                   device_name=(torch.cuda.get_device_name() if device.startswith("cuda")
                                else cpu_name()),
                   cpu_count=os.cpu_count(), torch=torch.__version__, preset=preset,
-                  compile=a.compile)
+                  compile=args.compile)
     for part in parts:
         print(f"bench: {part} ...", file=sys.stderr)
         if part == "tokenizer":
             result[part] = bench_tokenizer()
         elif part == "train":
-            result[part] = bench_train(cfg, micro_batch, device, dtype, a.compile, a.steps)
+            result[part] = bench_train(cfg, micro_batch, device, dtype, args.compile, args.steps)
         elif part == "reward":
             result[part] = bench_reward(cfg, device, dtype)
         elif part == "generate":
@@ -201,11 +203,11 @@ def run_benchmarks(a, device, dtype):
         elif part == "gpt2":
             gpt2 = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12,
                              n_kv_head=12, n_embd=768, ffn_hidden=2048)
-            result[part] = bench_train(gpt2, 16, device, dtype, a.compile, a.steps)
+            result[part] = bench_train(gpt2, 16, device, dtype, args.compile, args.steps)
     text = json.dumps(result, indent=2)
     print(text)
-    if a.out:
-        with open(a.out, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             f.write(text + "\n")
 
 

@@ -11,9 +11,8 @@
   to an instruct model as chat): how often the continuation is code (code_shaped).
 - knowledge_audit: which held-out facts the base model knows (3-shot), the ceiling for what
   post-training can elicit; every instruct and reward evaluation splits its figures by it.
-- answer_ids, reward_scores, evaluate_reward_model: what a reward model reads and scores, and
-  how well its scores agree with the teacher's (reward.py, ppo.py); RewardScorer: one answer's
-  score (sample.py --score-with, serve.py).
+- evaluate_reward_model: how well a reward model's scores (scoring.py) agree with the teacher's
+  (reward.py).
 """
 import itertools
 import json
@@ -24,8 +23,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import UserError, load_checkpoint, write_json
 from data import chats, code, teacher, world
+from ground import UserError, write_json
+from scoring import answer_ids, reward_scores
 
 
 @torch.no_grad()
@@ -283,7 +283,7 @@ def evaluate_base_on_chat_prompts(model, tok, items):
     and as plain text (it continues the pattern: more questions)."""
     r = {f"chat_{k}": v for k, v in evaluate_chat(model, tok, items, examples=0).items()
          if k in ("accuracy", "end_of_turn_rate")}
-    plain = [[tok.eot_id] + tok.encode(chats.plain_prompt(it["messages"])) for it in items]
+    plain = [chats.request_ids(tok, it["messages"], chat=False) for it in items]
     texts = [t for t, _, _ in answer(model, tok, plain, max_new=24, temperature=1.0, chat=False)]
     verdicts = [teacher.judge(it, t, False) for it, t in zip(items, texts)]
     r["plain_question_rate"] = sum(map(world.is_question, texts)) / len(texts)
@@ -300,8 +300,8 @@ def check_chat_eval_fits(tok, block_size):
     """Fail before training, not after it, if the held-out chat prompts (as chat or as plain
     text) cannot fit the context."""
     items = [it for group in instruct_eval_sets().values() for it in group]
-    longest = max(max(len(tok.render_chat(it["messages"], for_completion=True)[0]),
-                      1 + len(tok.encode(chats.plain_prompt(it["messages"])))) for it in items)
+    longest = max(len(chats.request_ids(tok, it["messages"], chat))
+                  for it in items for chat in (True, False))
     if longest >= block_size:
         raise UserError(f"the evaluation prompts need a context of more than {longest} tokens; "
                         f"the model's is {block_size} (--no-behaviour-eval skips them)")
@@ -381,57 +381,6 @@ def evaluate_code(model, tok, chat=False, max_new=80, examples=2):
 
 
 # ----------------------------------------------------------------------------- reward model
-def answer_ids(tok, messages, text, ended):
-    """What a reward model reads: the chat prompt, the answer, and <|end|> if the answer ended
-    (its score is read at the last of these tokens)."""
-    ids = tok.render_chat(messages, for_completion=True)[0] + tok.encode_turn(text)
-    return ids + [tok.special("<|end|>")] if ended else ids
-
-
-def right_padded(sequences, pad_id, device):
-    """(B, T) ids right-padded to the longest, and each row's last real position. Causal
-    attention keeps the padding out of every real position, so no attention mask is needed."""
-    longest = max(map(len, sequences))
-    ids = torch.tensor([s + [pad_id] * (longest - len(s)) for s in sequences], device=device)
-    return ids, torch.tensor([len(s) - 1 for s in sequences], device=device)
-
-
-@torch.no_grad()
-def reward_scores(model, sequences, pad_id, device, offset=0.0, batch_size=64):
-    """The reward model's score of each token sequence (answer_ids), minus `offset` (the mean
-    score of the SFT model's answers, stored in a reward checkpoint)."""
-    training, scores = model.training, []
-    model.eval()
-    for i in range(0, len(sequences), batch_size):
-        ids, last = right_padded(sequences[i:i + batch_size], pad_id, device)
-        scores += (model(ids)[torch.arange(len(ids), device=device), last] - offset).tolist()
-    model.train(training)
-    return scores
-
-
-class RewardScorer:
-    """A reward checkpoint that scores one answer as a reply to a request (a base model's
-    continuation too, as if it were the assistant's answer), relative to the SFT model's mean."""
-
-    def __init__(self, ckpt_dir, device, flag):
-        self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, ["reward"], device, flag)
-        self.offset, self.device, self.flag = ckpt.get("score_offset", 0.0), device, flag
-        if "score_offset" not in ckpt:
-            print(f"note: {ckpt_dir} has no score offset yet (its run has not finished): scores "
-                  "are not centred on the SFT model's mean", file=sys.stderr)
-
-    def __call__(self, messages, text, ended, tok):
-        if tok.checksum != self.tok.checksum:
-            raise UserError(f"{self.flag}: the reward model has another tokenizer than the "
-                            "checkpoint it scores")
-        try:
-            ids = answer_ids(tok, messages, text.strip() or "...", ended)
-        except ValueError as e:
-            raise UserError(f"prompt: {e}") from None
-        ids = ids[-self.model.config.block_size:]  # a long conversation: its most recent part
-        return reward_scores(self.model, [ids], tok.pad_id, self.device, self.offset)[0]
-
-
 def spearman(x, y):
     """Spearman's rank correlation of two lists of numbers (tied values share their mean rank)."""
     def ranks(values):

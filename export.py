@@ -10,7 +10,8 @@ import json
 import os
 import sys
 
-from common import UserError, die, load_checkpoint, stop_reason, writable_dir
+from checkpoints import load_checkpoint
+from ground import UserError, die, stop_reason, writable_dir
 from model import GPT
 
 
@@ -40,19 +41,19 @@ def main(argv=None):
     p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder of a language model, e.g. "
                    "out/base")
     p.add_argument("out", metavar="OUT", help="folder to write, e.g. out/base-hf")
-    a = p.parse_args(argv)
+    args = p.parse_args(argv)
     try:
-        model, _, ckpt = load_checkpoint(a.ckpt, flag="CKPT")
+        model, _, ckpt = load_checkpoint(args.ckpt, flag="CKPT")
         if model.head != "lm":
-            raise UserError(f"CKPT {a.ckpt}: a '{ckpt['stage']}' checkpoint, which scores "
+            raise UserError(f"CKPT {args.ckpt}: a '{ckpt['stage']}' checkpoint, which scores "
                             "answers; only language models export to LlamaForCausalLM")
-        writable_dir(a.out, "OUT")
-        export_hf(model, a.out)
+        writable_dir(args.out, "OUT")
+        export_hf(model, args.out)
     except UserError as e:
         die(str(e))
     except (OSError, KeyboardInterrupt) as e:  # a full disk, say: only the export is touched
-        sys.exit(f"stopped: {stop_reason(e)}; the export in {a.out} is incomplete")
-    print(f"wrote {a.out}/model.safetensors and {a.out}/config.json")
+        sys.exit(f"stopped: {stop_reason(e)}; the export in {args.out} is incomplete")
+    print(f"wrote {args.out}/model.safetensors and {args.out}/config.json")
 
 
 if __name__ == "__main__":

@@ -281,7 +281,8 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, temperature, top_k, top_p, gen):
-    """One token per row from (B, vocab) logits: greedy, or temperature + top-k + top-p (nucleus)."""
+    """One token per row from (B, vocab) logits: greedy, or temperature + top-k + top-p
+    (nucleus)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature

@@ -14,7 +14,7 @@ What each panel shows depends on the stage, told by the keys its log has:
 import argparse
 import os
 
-from common import UserError, die, jsonl_rows
+from ground import UserError, die, jsonl_rows
 
 PANELS = {  # stage: [(panel title, [log keys])]
     "base": [("loss", ["loss", "val_loss"])],
@@ -74,13 +74,13 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="DIR", help="run folders (each with log.jsonl)")
     p.add_argument("--out", help="the PNG's path, for a single run (default: DIR/curves.png)")
-    a = p.parse_args(argv)
+    args = p.parse_args(argv)
     try:
-        if a.out and len(a.runs) > 1:
+        if args.out and len(args.runs) > 1:
             raise UserError("--out names one file: give one run, or leave it out")
-        for folder in a.runs:
+        for folder in args.runs:
             rows = read_log(folder)
-            path = a.out or os.path.join(folder, "curves.png")
+            path = args.out or os.path.join(folder, "curves.png")
             plot(rows, path, f"{folder} ({stage_of(rows)})")
             print(f"wrote {path}")
     except UserError as e:

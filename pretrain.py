@@ -24,16 +24,17 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import (SAVE_EVERY_SECONDS, TOKENIZER_FILE, MetricsLog, SaveClock, UserError,
-                    autocast, barrier, check_finite, check_out_dir, check_paths_exist,
-                    check_weights, launch, lm_batch, load_checkpoint, lr_at, make_optimizer,
-                    mean_over_processes, nonnegative, optimizer_step, parse_stage_args,
-                    prepare_out_dir, resolve_settings, resume_training, save_checkpoint,
-                    seed_arg, setting, split_batch, throughput, wrap_model, write_json)
+from checkpoints import (TOKENIZER_FILE, MetricsLog, load_checkpoint, prepare_out_dir,
+                         save_checkpoint)
+from cli import check_paths_exist, launch, parse_stage_args, setting, start_or_resume
 from data import prepare
 from data.tokenizer import Tokenizer
 from evaluation import audit_summary, evaluate_base, knowledge_audit, write_knowledge
+from ground import UserError, nonnegative, seed_arg, write_json
 from model import GPT, GPTConfig
+from training import (SAVE_EVERY_SECONDS, SaveClock, autocast, barrier, check_finite,
+                      check_weights, lm_batch, lr_at, make_optimizer, mean_over_processes,
+                      optimizer_step, resume_training, split_batch, throughput, wrap_model)
 
 
 @dataclass
@@ -93,47 +94,45 @@ def main(argv=None):
     launch(run, parse_args(argv))
 
 
-def run(a, proc):
-    model, ckpt = None, None
-    if a.resume:
-        model, ckpt_tok, ckpt = load_checkpoint(a.out_dir, ["base"], proc.device, "--resume")
-    s = resolve_settings(Settings, PRESETS, a, proc.device, ckpt["config"] if ckpt else None)
-    check_settings(a, s, ckpt)
-    folder, train_data, val_data, meta, tok = load_data(s.data, proc)
+def run(args, proc):
+    settings, model, ckpt_tok, ckpt = start_or_resume(args, "base", Settings, PRESETS,
+                                                      proc.device, source=args.init_from)
+    check_settings(args, settings, ckpt)
+    folder, train_data, val_data, meta, tok = load_data(settings.data, proc)
     if ckpt is not None and (ckpt["data_checksum"] != meta["data_checksum"]
                              or ckpt_tok.checksum != tok.checksum):
-        raise UserError(f"{folder} does not hold the tokens the run in {a.out_dir} was trained "
+        raise UserError(f"{folder} does not hold the tokens the run in {args.out_dir} was trained "
                         f"on ({ckpt['config']['data'] or 'the bundled world'}, as prepared "
                         "then); pass that data as --data, or start a new run")
-    model = model or new_model(a, s, tok, folder, meta, proc.device)
+    model = model or new_model(args, settings, tok, folder, meta, proc.device)
     for name, tokens, remedy in (("training", train_data, "more text"),
                                  ("validation", val_data, "a larger --val-fraction")):
-        if len(tokens) <= s.block_size + 1:
+        if len(tokens) <= settings.block_size + 1:
             raise UserError(f"{folder}: {len(tokens)} {name} tokens are too few for a context "
-                            f"of {s.block_size} ({remedy}, or a smaller --block-size)")
-    prepare_out_dir(a.out_dir, tok, resume=a.resume, write=proc.master)
-    s.micro_batch, accum = split_batch(s.batch_size, s.micro_batch, proc,
-                                       "micro_batch" in a.given)
+                            f"of {settings.block_size} ({remedy}, or a smaller --block-size)")
+    prepare_out_dir(args.out_dir, tok, resume=args.resume, write=proc.master)
+    settings.micro_batch, accum = split_batch(settings.batch_size, settings.micro_batch, proc,
+                                              "micro_batch" in args.given)
     if proc.master:
-        print(f"base model: {model.num_params(False) / 1e6:.2f}M parameters, {s.preset} preset, "
-              f"{proc.device} {str(proc.dtype).split('.')[-1]}, {proc.world_size} process(es), "
-              f"{s.batch_size}x{s.block_size} tokens/step, {accum} accumulation step(s)",
-              file=sys.stderr)
-    step, val = train(a, s, model, tok, train_data, val_data, meta, proc, ckpt)
-    if proc.master and step >= s.steps:
-        final_evaluation(a, s, model, tok, meta, step, val, proc.device)
+        print(f"base model: {model.num_params(False) / 1e6:.2f}M parameters, "
+              f"{settings.preset} preset, {proc.device} {str(proc.dtype).split('.')[-1]}, "
+              f"{proc.world_size} process(es), {settings.batch_size}x{settings.block_size} "
+              f"tokens/step, {accum} accumulation step(s)", file=sys.stderr)
+    step, val = train(args, settings, model, tok, train_data, val_data, meta, proc, ckpt)
+    if proc.master and step >= settings.steps:
+        final_evaluation(args, settings, model, tok, meta, step, val, proc.device)
 
 
-def check_settings(a, s, ckpt):
-    """A fresh run never overwrites a checkpoint; a resumed one keeps its model's shape and asks
-    for its data where it has moved."""
+def check_settings(args, settings, ckpt):
+    """A resumed run keeps its model's shape and asks for its data where it has moved."""
     if ckpt is None:
-        return check_out_dir(a.out_dir, resume=False, source=a.init_from)
-    check_paths_exist([("--data", s.data if "data" not in a.given else None)], a.out_dir)
+        return
+    recorded = settings.data if "data" not in args.given else None
+    check_paths_exist([("--data", recorded)], args.out_dir)
     saved = ckpt["config"]
     for k in MODEL_FIELDS:
-        if getattr(s, k) != saved[k]:
-            raise UserError(f"--{k.replace('_', '-')} {getattr(s, k)} differs from the "
+        if getattr(settings, k) != saved[k]:
+            raise UserError(f"--{k.replace('_', '-')} {getattr(settings, k)} differs from the "
                             f"checkpoint being resumed ({saved[k]})")
 
 
@@ -152,70 +151,73 @@ def load_data(data, proc):
     return folder, train_data, val_data, meta, tok
 
 
-def new_model(a, s, tok, folder, meta, device):
+def new_model(args, settings, tok, folder, meta, device):
     """A fresh model of the settings' shape, or (--init-from) a base model to train further,
     which must share the data's tokenizer."""
-    if not a.init_from:
+    if not args.init_from:
         try:
-            config = GPTConfig(vocab_size=tok.n_vocab, **{k: getattr(s, k) for k in MODEL_FIELDS})
+            shape = {k: getattr(settings, k) for k in MODEL_FIELDS}
+            config = GPTConfig(vocab_size=tok.n_vocab, **shape)
         except ValueError as e:
             raise UserError(f"model shape: {e} (--n-embd, --n-head, --n-kv-head, "
                             "--block-size)") from None
-        torch.manual_seed(s.seed)
+        torch.manual_seed(settings.seed)
         model = GPT(config).to(device)
         model.base_id = os.urandom(8).hex()  # a new base: its descendants carry this id
         return model
-    model, model_tok, _ = load_checkpoint(a.init_from, ["base"], device, "--init-from")
+    model, model_tok, _ = load_checkpoint(args.init_from, ["base"], device, "--init-from")
     for k in MODEL_FIELDS:
-        if k in a.given and a.given[k] != getattr(model.config, k):
-            raise UserError(f"--{k.replace('_', '-')} {a.given[k]} differs from "
-                            f"{a.init_from} ({getattr(model.config, k)})")
-        setattr(s, k, getattr(model.config, k))
+        if k in args.given and args.given[k] != getattr(model.config, k):
+            raise UserError(f"--{k.replace('_', '-')} {args.given[k]} differs from "
+                            f"{args.init_from} ({getattr(model.config, k)})")
+        setattr(settings, k, getattr(model.config, k))
     if model_tok.checksum != tok.checksum:
-        new_dir = f"{folder.rstrip('/')}-{os.path.basename(os.path.normpath(a.init_from))}"
+        new_dir = f"{folder.rstrip('/')}-{os.path.basename(os.path.normpath(args.init_from))}"
         again = prepare.command(new_dir, **{**meta["arguments"], "tokenizer": os.path.join(
-            a.init_from, TOKENIZER_FILE)})
-        raise UserError(f"{folder} was tokenized with another tokenizer than {a.init_from}'s; "
+            args.init_from, TOKENIZER_FILE)})
+        raise UserError(f"{folder} was tokenized with another tokenizer than {args.init_from}'s; "
                         f"prepare its text with that one into a new folder, then pass --data "
                         f"{new_dir}: {again}")
     return model
 
 
 @torch.no_grad()
-def val_loss(model, data, s, proc):
+def val_loss(model, data, settings, proc):
     """Mean loss over the same fixed validation batches every time, so evaluations compare."""
     model.eval()
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(s.eval_iters):
-        offsets = torch.randint(len(data) - s.block_size - 1, (s.micro_batch,), generator=g)
+    for _ in range(settings.eval_iters):
+        offsets = torch.randint(len(data) - settings.block_size - 1, (settings.micro_batch,),
+                                generator=g)
+        inputs, targets = lm_batch(data, offsets, settings.block_size, proc.device)
         with autocast(proc.device, proc.dtype):
-            losses.append(model(*lm_batch(data, offsets, s.block_size, proc.device))[1].item())
+            losses.append(model(inputs, targets)[1].item())
     model.train()
     return sum(losses) / len(losses)
 
 
-def train(a, s, raw, tok, train_data, val_data, meta, proc, ckpt):
+def train(args, settings, raw, tok, train_data, val_data, meta, proc, ckpt):
     """The pretraining loop: next-token loss on random windows of the corpus, accumulated over
     micro-batches, one optimizer step, a validation loss and a checkpoint now and then.
     Returns (steps done, last validation loss)."""
-    T, accum = s.block_size, s.batch_size // (s.micro_batch * proc.world_size)
-    opt, scaler = make_optimizer(raw, s.lr, s.weight_decay, proc)
+    T, accum = settings.block_size, settings.batch_size // (settings.micro_batch * proc.world_size)
+    opt, scaler = make_optimizer(raw, settings.lr, settings.weight_decay, proc)
     step, last_val = resume_training(ckpt, opt, scaler)
-    data_rng = torch.Generator().manual_seed(s.seed + 1)  # the same on every rank
+    data_rng = torch.Generator().manual_seed(settings.seed + 1)  # the same on every rank
     if ckpt is not None:
         data_rng.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
-    model = wrap_model(raw, a.compile, proc, T)
-    log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"), proc.master,
+    model = wrap_model(raw, args.compile, proc, T)
+    log = MetricsLog(os.path.join(args.out_dir, "log.jsonl"), proc.master,
                      resume_step=step if ckpt is not None else None)
-    clock, stop = SaveClock(proc), min(s.steps, a.stop_at or s.steps)
+    clock, stop = SaveClock(proc), min(settings.steps, args.stop_at or settings.steps)
     # Ctrl-C, a non-finite loss or a failed write stops the run here; launch() says what is saved
     with tqdm(total=stop, initial=step, disable=not proc.master, desc="pretrain",
               dynamic_ncols=True) as bar:
         while step < stop:
             t0 = time.time()
-            offsets = torch.randint(len(train_data) - T - 1, (s.batch_size,),
+            offsets = torch.randint(len(train_data) - T - 1, (settings.batch_size,),
                                     generator=data_rng).view(accum, proc.world_size, -1)
             loss = torch.zeros((), device=proc.device)
             for i in range(accum):
@@ -226,23 +228,23 @@ def train(a, s, raw, tok, train_data, val_data, meta, proc, ckpt):
                     _, micro_loss = model(x, y)
                 scaler.scale(micro_loss / accum).backward()
                 loss += micro_loss.detach() / accum
-            lr = lr_at(step, s.lr, s.warmup, s.steps)
-            grad_norm = optimizer_step(opt, scaler, raw, lr, s.grad_clip)
+            lr = lr_at(step, settings.lr, settings.warmup, settings.steps)
+            grad_norm = optimizer_step(opt, scaler, raw, lr, settings.grad_clip)
             loss = mean_over_processes(loss, proc).item()
             check_finite(step, loss=loss)
             step += 1
             stats = dict(step=step, loss=round(loss, 4), lr=lr, grad_norm=round(grad_norm, 4),
-                         **throughput(s.batch_size * T, time.time() - t0,
+                         **throughput(settings.batch_size * T, time.time() - t0,
                                       raw.flops_per_token(), proc))
-            if step % s.eval_every == 0 or step == stop:
-                last_val = stats["val_loss"] = round(val_loss(raw, val_data, s, proc), 4)
+            if step % settings.eval_every == 0 or step == stop:
+                last_val = stats["val_loss"] = round(val_loss(raw, val_data, settings, proc), 4)
                 check_finite(step, validation_loss=last_val)  # never overwrite a good checkpoint
             log.write(**stats)  # before the checkpoint: a resume never lacks a logged step
             if clock.due("val_loss" in stats):
                 check_weights(raw, x, step)
                 if proc.master:
-                    save_checkpoint(a.out_dir, "base", raw, tok, config=asdict(s), step=step,
-                                    val_loss=last_val, optimizer=opt.state_dict(),
+                    save_checkpoint(args.out_dir, "base", raw, tok, config=asdict(settings),
+                                    step=step, val_loss=last_val, optimizer=opt.state_dict(),
                                     scaler=scaler.state_dict(), data_rng=data_rng.get_state(),
                                     torch_rng=torch.get_rng_state(),
                                     data_checksum=meta["data_checksum"])
@@ -253,18 +255,18 @@ def train(a, s, raw, tok, train_data, val_data, meta, proc, ckpt):
     return step, last_val
 
 
-def final_evaluation(a, s, model, tok, meta, step, val, device):
+def final_evaluation(args, settings, model, tok, meta, step, val, device):
     """eval.json: the validation loss, and (on the bundled world) the evidence of a base model."""
-    result = {"stage": "base", "preset": s.preset, "steps": step, "val_loss": val,
+    result = {"stage": "base", "preset": settings.preset, "steps": step, "val_loss": val,
               "params": model.num_params(False), "device": device}
-    if meta["source"] == "world" and not a.no_behaviour_eval:
+    if meta["source"] == "world" and not args.no_behaviour_eval:
         t0 = time.time()
         result.update(evaluate_base(model, tok, device))
         audit = knowledge_audit(model, tok)  # which held-out facts it knows: SFT's ceiling
         result["knowledge_audit"] = audit_summary(audit)
-        write_knowledge(a.out_dir, audit, a.out_dir)
+        write_knowledge(args.out_dir, audit, args.out_dir)
         result["eval_seconds"] = round(time.time() - t0, 1)
-    write_json(os.path.join(a.out_dir, "eval.json"), result)
+    write_json(os.path.join(args.out_dir, "eval.json"), result)
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("examples")}))
 
 

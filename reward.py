@@ -45,18 +45,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (SAVE_EVERY_SECONDS, MetricsLog, SaveClock, UserError, autocast, barrier,
-                    batch_indices, check_finite, check_out_dir, check_weights, choice,
-                    jsonl_rows, launch, load_checkpoint, lr_at, make_optimizer,
-                    mean_over_processes, nonnegative, optimizer_step, parse_stage_args,
-                    prepare_out_dir, resolve_settings, resume_training, save_checkpoint,
-                    seed_arg, setting, split_batch, throughput, update_checkpoint, wrap_model,
-                    write_json, write_text)
+from checkpoints import (MetricsLog, load_checkpoint, prepare_out_dir, save_checkpoint,
+                         update_checkpoint)
+from cli import launch, parse_stage_args, setting, start_or_resume
 from data import chats, teacher
 from data.comparisons import check_labeler, comparison, human_rankings, read_comparisons
-from evaluation import (answer, answer_ids, carry_knowledge, check_chat_eval_fits,
-                        evaluate_reward_model, reward_scores, right_padded)
+from evaluation import answer, carry_knowledge, check_chat_eval_fits, evaluate_reward_model
+from ground import UserError, choice, jsonl_rows, nonnegative, seed_arg, write_json, write_text
 from model import LikelihoodRewardGPT, ScalarHeadGPT
+from scoring import answer_ids, reward_scores, right_padded
+from training import (SAVE_EVERY_SECONDS, SaveClock, autocast, barrier, batch_indices,
+                      check_finite, check_weights, lr_at, make_optimizer, mean_over_processes,
+                      optimizer_step, resume_training, split_batch, throughput, wrap_model)
 
 
 @dataclass
@@ -126,27 +126,66 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- 1. sample
-def sample_answers(policy, tok, items, s, seed, desc="sample"):
+def sample_answers(policy, tok, items, settings, seed, desc="sample"):
     """K answers per chat prompt, [[(text, ended with <|end|>), ...], ...], each answer once: the
     same answer sampled twice is one answer (there is nothing to compare), and an empty one is
     none. Sampled in batched, KV-cached calls of 64 rows, a prompt's K copies side by side."""
     prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
-    rows = answer(policy, tok, [p for p in prompts for _ in range(s.k)], s.max_new_tokens,
-                  temperature=s.temperature, seed=seed, desc=desc)
+    copies = [p for p in prompts for _ in range(settings.k)]
+    rows = answer(policy, tok, copies, settings.max_new_tokens, temperature=settings.temperature,
+                  seed=seed, desc=desc)
     return [list(dict.fromkeys((text.strip(), ended) for text, ended, _ in
-                               rows[i * s.k:(i + 1) * s.k] if text.strip()))
+                               rows[i * settings.k:(i + 1) * settings.k] if text.strip()))
             for i in range(len(items))]
 
 
+def sampled(policy, tok, settings):
+    """(prompt item, its distinct answers) for the prompts of the reward pool that got at least
+    two different answers."""
+    items = chats.rl_prompts("reward", seed=settings.seed, n=settings.prompts)
+    answers = sample_answers(policy, tok, items, settings, seed=settings.seed)
+    kept = [(item, options) for item, options in zip(items, answers) if len(options) > 1]
+    print(f"{len(items) - len(kept)} of {len(items)} prompts got fewer than two different "
+          "answers: nothing to rank there", file=sys.stderr)
+    return kept
+
+
 # ----------------------------------------------------------------------------- 2. rank
-def teacher_ranking(item, options, s, rng):
-    """(ranking best first, scores): the teacher's rubric score of each answer (+ the flattery
-    and sycophancy bonuses), plus Gaussian noise of std s.noise: annotators who disagree. Equal
-    scores are a tie."""
-    scores = teacher.labeled_scores(item, [text for text, _ in options],
-                                    [ended for _, ended in options], s.noise, s.flattery_bonus,
-                                    rng, s.sycophancy_bonus)
-    return sorted(range(len(options)), key=lambda j: -scores[j]), scores
+def ranked_comparisons(args, settings, policy, tok, proc):
+    """The ranked rows to learn from: the user's file, or answers sampled here and ranked by
+    the teacher or a person, in out_dir/comparisons.jsonl. None: the person stopped early."""
+    if settings.comparisons:
+        return read_comparisons(settings.comparisons)
+    path = os.path.join(args.out_dir, COMPARISONS_FILE)
+    if args.resume:
+        return read_comparisons(path)
+    check_labeler(path, settings.labeler)
+    if settings.labeler == "human" and proc.world_size > 1:
+        raise UserError("--labeler human runs in one process (not under torchrun)")
+    complete = True
+    if proc.master and settings.labeler == "human":  # the answers are sampled once, then kept
+        answers_path = os.path.join(args.out_dir, ANSWERS_FILE)
+        if not os.path.exists(answers_path):
+            write_text(answers_path, "".join(json.dumps({"item": item, "answers": options}) + "\n"
+                                             for item, options in sampled(policy, tok, settings)))
+        kept = [row for _, row in jsonl_rows(answers_path)]
+        items, answers = [r["item"] for r in kept], [list(map(tuple, r["answers"])) for r in kept]
+        complete = human_rankings(items, answers, path)
+    elif proc.master:
+        rng, rows = random.Random(settings.seed), []
+        for i, (item, options) in enumerate(sampled(policy, tok, settings)):
+            ranking, scores = teacher.rank(
+                item, [text for text, _ in options], [ended for _, ended in options],
+                noise=settings.noise, flattery_bonus=settings.flattery_bonus, rng=rng,
+                sycophancy_bonus=settings.sycophancy_bonus)
+            rows.append(comparison(i, item, options, ranking, scores))
+        write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    barrier(proc)
+    if not complete:
+        print(f"ranked so far: {len(read_comparisons(path, allow_empty=True))} prompt(s), saved "
+              f"in {path}; the same command goes on where you stopped", file=sys.stderr)
+        return None
+    return read_comparisons(path)
 
 
 # ----------------------------------------------------------------------------- 3. learn
@@ -155,8 +194,8 @@ def pairs_of(row):
     pairs are ties (answers the labeler scored equally), which teach nothing."""
     order, scores = row["ranking"], row.get("scores")
     pairs, ties = [], 0
-    for a, better in enumerate(order):
-        for worse in order[a + 1:]:
+    for args, better in enumerate(order):
+        for worse in order[args + 1:]:
             if scores and scores[better] == scores[worse]:
                 ties += 1
             else:
@@ -220,11 +259,12 @@ def validate(model, examples, micro_batch, pad_id, proc):
 
 
 # ----------------------------------------------------------------------------- 4. check
-def heldout_answers(policy, tok, s):
+def heldout_answers(policy, tok, settings):
     """The SFT model's K answers to the held-out evaluation prompts and claims (entities never in
     SFT or in the comparisons), and the teacher's verdicts on them (noise 0, no bias)."""
     items = chats.eval_prompts("heldout") + chats.claim_prompts("heldout")
-    answers = sample_answers(policy, tok, items, s, seed=s.seed + 1, desc="held-out answers")
+    answers = sample_answers(policy, tok, items, settings, seed=settings.seed + 1,
+                             desc="held-out answers")
     verdicts = [[teacher.judge(it, text, ended) for text, ended in options]
                 for it, options in zip(items, answers)]
     return items, answers, verdicts
@@ -235,146 +275,101 @@ def main(argv=None):
     launch(run, parse_args(argv))
 
 
-def run(a, proc):
-    ckpt = None
-    if a.resume:
-        model, tok, ckpt = load_checkpoint(a.out_dir, ["reward"], proc.device, "--resume")
-        s = resolve_settings(Settings, PRESETS, a, proc.device, ckpt["config"])
-    else:
-        s = resolve_settings(Settings, PRESETS, a, proc.device)
-        if s.score == "likelihood" and "lr" not in a.given:
-            s.lr = LIKELIHOOD_LR
-        check_out_dir(a.out_dir, resume=False, source=s.init_from)
-    policy, tok_of_policy, _ = load_checkpoint(s.init_from, ["sft", "ppo"], proc.device,
+def run(args, proc):
+    settings, model, tok, ckpt = start_or_resume(args, "reward", Settings, PRESETS, proc.device)
+    if ckpt is None and settings.score == "likelihood" and "lr" not in args.given:
+        settings.lr = LIKELIHOOD_LR
+    policy, tok_of_policy, _ = load_checkpoint(settings.init_from, ["sft", "ppo"], proc.device,
                                                "--init-from")
     if ckpt is None:
-        torch.manual_seed(s.seed)  # the scalar head's initial weights
+        torch.manual_seed(settings.seed)  # the scalar head's initial weights
         tok = tok_of_policy  # the SFT model's trunk with a scalar head, or all of it (--score)
-        model = (ScalarHeadGPT.from_language_model(policy) if s.score == "head" else
+        model = (ScalarHeadGPT.from_language_model(policy) if settings.score == "head" else
                  LikelihoodRewardGPT.from_language_model(
-                     policy, answer_start_id=tok.special("<|assistant|>"), beta=s.beta))
+                     policy, answer_start_id=tok.special("<|assistant|>"), beta=settings.beta))
         model.base_id = policy.base_id
     elif tok_of_policy.checksum != tok.checksum:
-        raise UserError(f"--init-from {s.init_from}: not the model this run started from")
-    check_settings(a, s, tok, model.config.block_size)
-    prepare_out_dir(a.out_dir, tok, resume=a.resume, write=proc.master)
-    rows = comparisons(a, s, policy, tok, proc)
+        raise UserError(f"--init-from {settings.init_from}: not the model this run started from")
+    check_settings(args, settings, tok, model.config.block_size)
+    prepare_out_dir(args.out_dir, tok, resume=args.resume, write=proc.master)
+    rows = ranked_comparisons(args, settings, policy, tok, proc)
     if rows is None:
         return  # a person stopped labeling; what they ranked is saved
-    n_val = int(len(rows) * s.val_fraction)
+    n_val = int(len(rows) * settings.val_fraction)
     state = {"comparisons_checksum": hashlib.sha256(json.dumps(  # the rows, and how they are used
         [[{k: v for k, v in r.items() if k not in ("id", "where")} for r in rows], n_val,
-         s.seed, s.batch_size], sort_keys=True).encode()).hexdigest()}
+         settings.seed, settings.batch_size], sort_keys=True).encode()).hexdigest()}
     if ckpt is not None and ckpt["comparisons_checksum"] != state["comparisons_checksum"]:
         raise UserError(f"the comparisons, or their split and order (--val-fraction, --seed, "
-                        f"--batch-size), differ from those the run in {a.out_dir} learned from")
+                        f"--batch-size), differ from those the run in {args.out_dir} learned from")
     train_set, counts = encode_comparisons(tok, rows[n_val:], model.config.block_size)
     counts = {f"train_{k}": v for k, v in counts.items()}  # the validation rows' are not here
     val_set, _ = encode_comparisons(tok, rows[:n_val], model.config.block_size)
-    if len(train_set) < s.batch_size:
+    if len(train_set) < settings.batch_size:
         raise UserError(f"{len(train_set)} comparisons with a pair to learn from: fewer than one "
-                        f"batch (--batch-size {s.batch_size})")
-    s.micro_batch, _ = split_batch(s.batch_size, s.micro_batch, proc, "micro_batch" in a.given)
-    steps = s.epochs * (len(train_set) // s.batch_size)
-    heldout = heldout_answers(policy, tok, s) if proc.master and not a.no_behaviour_eval else None
+                        f"batch (--batch-size {settings.batch_size})")
+    settings.micro_batch, _ = split_batch(settings.batch_size, settings.micro_batch, proc,
+                                          "micro_batch" in args.given)
+    steps = settings.epochs * (len(train_set) // settings.batch_size)
+    evaluate = proc.master and not args.no_behaviour_eval
+    heldout = heldout_answers(policy, tok, settings) if evaluate else None
     del policy  # it has written every answer this stage needs
     if proc.master:
         print(f"reward model: {len(rows)} comparisons ({len(val_set)} held out); to train on: "
               f"{counts['train_pairs']} pairs, {counts['train_ties']} ties (no pair); "
-              f"{s.epochs} epoch(s) = {steps} steps of {s.batch_size} prompts, {proc.device}",
+              f"{settings.epochs} epoch(s) = {steps} steps of {settings.batch_size} prompts, "
+              f"{proc.device}",
               file=sys.stderr)
     state["heldout_before"] = ckpt["heldout_before"] if ckpt is not None else None
     if ckpt is None and heldout is not None:  # the reward model before it learns: near chance
         before = evaluate_reward_model(model, tok, heldout, proc.device)
         state["heldout_before"] = before["accuracy"]
-    step, _ = train(a, s, model, tok, train_set, val_set, proc, ckpt, steps, state)
+    step, _ = train(args, settings, model, tok, train_set, val_set, proc, ckpt, steps, state)
     if proc.master and step >= steps:
         summary = {"comparisons": len(rows), "val_prompts": len(val_set), **counts}
-        final_evaluation(a, s, model, tok, (rows[n_val:], val_set), heldout, state, summary,
-                         step, proc)
+        final_evaluation(args, settings, model, tok, (rows[n_val:], val_set), heldout, state,
+                         summary, step, proc)
 
 
-def check_settings(a, s, tok, block_size):
+def check_settings(args, settings, tok, block_size):
     """Mistakes that would otherwise surface only after minutes of sampling (or labeling)."""
-    if s.k < 2:
-        raise UserError(f"--k {s.k}: a ranking compares at least 2 answers")
-    if a.resume and {"score", "beta"} & a.given.keys():
+    if settings.k < 2:
+        raise UserError(f"--k {settings.k}: a ranking compares at least 2 answers")
+    if args.resume and {"score", "beta"} & args.given.keys():
         raise UserError("--score and --beta make the model: a resumed run keeps its own")
-    if s.score == "head" and "beta" in a.given:
+    if settings.score == "head" and "beta" in args.given:
         raise UserError("--beta scales a log-likelihood: it needs --score likelihood")
-    if not s.val_fraction < 1:
-        raise UserError(f"--val-fraction {s.val_fraction}: leaves nothing to train on")
-    if not s.comparisons and int(s.prompts * (1 - s.val_fraction)) < s.batch_size:
-        raise UserError(f"--prompts {s.prompts}: fewer than one batch after the validation split "
-                        f"(--batch-size {s.batch_size}); more prompts or a smaller batch")
-    if not a.no_behaviour_eval:
+    if not settings.val_fraction < 1:
+        raise UserError(f"--val-fraction {settings.val_fraction}: leaves nothing to train on")
+    trained = int(settings.prompts * (1 - settings.val_fraction))
+    if not settings.comparisons and trained < settings.batch_size:
+        raise UserError(f"--prompts {settings.prompts}: fewer than one batch after the validation "
+                        f"split (--batch-size {settings.batch_size}); more prompts or a smaller "
+                        "batch")
+    if not args.no_behaviour_eval:
         check_chat_eval_fits(tok, block_size)
 
 
-def comparisons(a, s, policy, tok, proc):
-    """The ranked rows to learn from: the user's file, or answers sampled here and ranked by
-    the teacher or a person, in out_dir/comparisons.jsonl. None: the person stopped early."""
-    if s.comparisons:
-        return read_comparisons(s.comparisons)
-    path = os.path.join(a.out_dir, COMPARISONS_FILE)
-    if a.resume:
-        return read_comparisons(path)
-    check_labeler(path, s.labeler)
-    if s.labeler == "human" and proc.world_size > 1:
-        raise UserError("--labeler human runs in one process (not under torchrun)")
-    complete = True
-    if proc.master and s.labeler == "human":  # the answers are sampled once, then kept
-        answers_path = os.path.join(a.out_dir, ANSWERS_FILE)
-        if not os.path.exists(answers_path):
-            write_text(answers_path, "".join(json.dumps({"item": item, "answers": options}) +
-                                             "\n" for item, options in sampled(policy, tok, s)))
-        kept = [row for _, row in jsonl_rows(answers_path)]
-        items, answers = [r["item"] for r in kept], [[tuple(o) for o in r["answers"]]
-                                                       for r in kept]
-        complete = human_rankings(items, answers, path)
-    elif proc.master:
-        rng, rows = random.Random(s.seed), []
-        for i, (item, options) in enumerate(sampled(policy, tok, s)):
-            rows.append(comparison(i, item, options, *teacher_ranking(item, options, s, rng)))
-        write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-    barrier(proc)
-    if not complete:
-        print(f"ranked so far: {len(read_comparisons(path, allow_empty=True))} prompt(s), saved "
-              f"in {path}; the same command goes on where you stopped", file=sys.stderr)
-        return None
-    return read_comparisons(path)
-
-
-def sampled(policy, tok, s):
-    """(prompt item, its distinct answers) for the prompts of the reward pool that got at least
-    two different answers."""
-    items = chats.rl_prompts("reward", seed=s.seed, n=s.prompts)
-    answers = sample_answers(policy, tok, items, s, seed=s.seed)
-    kept = [(item, options) for item, options in zip(items, answers) if len(options) > 1]
-    print(f"{len(items) - len(kept)} of {len(items)} prompts got fewer than two different "
-          "answers: nothing to rank there", file=sys.stderr)
-    return kept
-
-
-def train(a, s, raw, tok, train_set, val_set, proc, ckpt, steps, state):
+def train(args, settings, raw, tok, train_set, val_set, proc, ckpt, steps, state):
     """The reward model's loop: a batch of prompts, each with its K answers and all their pairs;
     the Bradley-Terry loss; one optimizer step; validation accuracy and a checkpoint now and
     then. Returns (steps done, last validation loss)."""
-    micro_batch, accum = s.micro_batch, s.batch_size // (s.micro_batch * proc.world_size)
-    opt, scaler = make_optimizer(raw, s.lr, s.weight_decay, proc)
+    micro_batch = settings.micro_batch
+    accum = settings.batch_size // (micro_batch * proc.world_size)
+    opt, scaler = make_optimizer(raw, settings.lr, settings.weight_decay, proc)
     step, last_val = resume_training(ckpt, opt, scaler)
-    model = wrap_model(raw, a.compile, proc, raw.config.block_size)
-    log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"), proc.master,
+    model = wrap_model(raw, args.compile, proc, raw.config.block_size)
+    log = MetricsLog(os.path.join(args.out_dir, "log.jsonl"), proc.master,
                      resume_step=step if ckpt is not None else None)
-    clock, stop = SaveClock(proc), min(steps, a.stop_at or steps)
+    clock, stop = SaveClock(proc), min(steps, args.stop_at or steps)
     probe = torch.tensor([train_set[0][0][0]], device=proc.device)  # for check_weights
     # Ctrl-C, a non-finite loss or a failed write stops the run here; launch() says what is saved
     with tqdm(total=stop, initial=step, disable=not proc.master, desc="reward",
               dynamic_ncols=True) as bar:
         while step < stop:
             t0 = time.time()
-            batch = [train_set[i] for i in batch_indices(step, len(train_set), s.batch_size,
-                                                         s.seed).tolist()]
+            batch = [train_set[i] for i in batch_indices(step, len(train_set), settings.batch_size,
+                                                         settings.seed).tolist()]
             mine = batch[proc.rank::proc.world_size]
             totals = torch.zeros(3, device=proc.device)  # loss, pairs ordered right, pairs
             for i in range(accum):
@@ -389,8 +384,8 @@ def train(a, s, raw, tok, train_set, val_set, proc, ckpt, steps, state):
                 pairs = sum(len(p) for _, p in part)
                 totals += torch.stack([loss.detach(), right.float(),
                                        torch.tensor(float(pairs), device=proc.device)])
-            grad_norm = optimizer_step(opt, scaler, raw, lr_at(step, s.lr, s.warmup, steps),
-                                       s.grad_clip)
+            lr = lr_at(step, settings.lr, settings.warmup, steps)
+            grad_norm = optimizer_step(opt, scaler, raw, lr, settings.grad_clip)
             loss, right, pairs = mean_over_processes(totals, proc).tolist()
             check_finite(step, loss=loss)
             step += 1
@@ -398,7 +393,7 @@ def train(a, s, raw, tok, train_set, val_set, proc, ckpt, steps, state):
             stats = dict(step=step, loss=round(loss, 4), accuracy=round(right / pairs, 4),
                          lr=opt.param_groups[0]["lr"], grad_norm=round(grad_norm, 4), **throughput(
                              tokens, time.time() - t0, raw.flops_per_token(), proc))
-            if step % s.eval_every == 0 or step == stop:  # None: no comparison held out
+            if step % settings.eval_every == 0 or step == stop:  # None: no comparison held out
                 last_val, val_accuracy = validate(raw, val_set, micro_batch, tok.pad_id, proc)
                 check_finite(step, validation_loss=last_val)
                 stats.update(val_loss=last_val and round(last_val, 4),
@@ -407,8 +402,8 @@ def train(a, s, raw, tok, train_set, val_set, proc, ckpt, steps, state):
             if clock.due("val_loss" in stats):
                 check_weights(raw, probe, step)
                 if proc.master:
-                    save_checkpoint(a.out_dir, "reward", raw, tok, config=asdict(s), step=step,
-                                    val_loss=last_val, optimizer=opt.state_dict(),
+                    save_checkpoint(args.out_dir, "reward", raw, tok, config=asdict(settings),
+                                    step=step, val_loss=last_val, optimizer=opt.state_dict(),
                                     scaler=scaler.state_dict(), **state)
                 clock.saved()
             bar.update(1)
@@ -417,27 +412,28 @@ def train(a, s, raw, tok, train_set, val_set, proc, ckpt, steps, state):
     return step, last_val
 
 
-def final_evaluation(a, s, model, tok, sets, heldout, state, summary, step, proc):
+def final_evaluation(args, settings, model, tok, sets, heldout, state, summary, step, proc):
     """The offset that makes the mean score of the training prompts' answers 0 (stored in the
     checkpoint), and eval.json: validation accuracy, and held-out accuracy against the teacher."""
     t0, (train_rows, val_set) = time.time(), sets
-    val_loss, val_accuracy = validate(model, val_set, s.micro_batch, tok.pad_id, proc)
+    val_loss, val_accuracy = validate(model, val_set, settings.micro_batch, tok.pad_id, proc)
     seqs = [answer_ids(tok, row["messages"], text, ended) for row in train_rows
             for text, ended in zip(row["responses"], row["ended"])]
     offset = sum(reward_scores(model, seqs, tok.pad_id, proc.device)) / len(seqs)
-    update_checkpoint(a.out_dir, score_offset=offset)
-    result = {"stage": "reward", "preset": s.preset, "steps": step, "labeler": s.labeler,
-              "noise": s.noise, "flattery_bonus": s.flattery_bonus,
-              "sycophancy_bonus": s.sycophancy_bonus, "k": s.k, "score": s.score, **summary,
+    update_checkpoint(args.out_dir, score_offset=offset)
+    result = {"stage": "reward", "preset": settings.preset, "steps": step,
+              **{name: getattr(settings, name) for name in (
+                  "labeler", "noise", "flattery_bonus", "sycophancy_bonus", "k", "score")},
+              **summary,
               "val_loss": val_loss, "val_accuracy": val_accuracy, "score_offset": round(offset, 6),
               "device": proc.device}
     if heldout is not None:
-        known = carry_knowledge(s.init_from, a.out_dir)
+        known = carry_knowledge(settings.init_from, args.out_dir)
         result["heldout"] = evaluate_reward_model(model, tok, heldout, proc.device, offset,
                                                   known=known)
         result["heldout_accuracy_before_training"] = state["heldout_before"]
     result["eval_seconds"] = round(time.time() - t0, 1)
-    write_json(os.path.join(a.out_dir, "eval.json"), result)
+    write_json(os.path.join(args.out_dir, "eval.json"), result)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
     if heldout is not None:
         print("heldout", json.dumps({k: v for k, v in result["heldout"].items()

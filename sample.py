@@ -31,10 +31,12 @@ import sys
 
 import torch
 
-from common import UserError, autocast, die, load_checkpoint, pick_device, pick_dtype, seed_arg
-from evaluation import RewardScorer
-from model import sample_next
+from checkpoints import load_checkpoint
 from data import chats
+from ground import UserError, die, seed_arg
+from model import sample_next
+from scoring import RewardScorer
+from training import autocast, pick_device, pick_dtype
 
 
 def parse_args(argv=None):
@@ -79,62 +81,59 @@ def parse_args(argv=None):
 
 
 class Sampler:
-    def __init__(self, ckpt_dir, a, scorer=None):
-        self.a, self.name, self.scorer = a, ckpt_dir, scorer
-        self.device = pick_device(a.device)
-        self.dtype = pick_dtype(a.dtype, self.device)
+    def __init__(self, ckpt_dir, args, scorer=None):
+        self.args, self.name, self.scorer = args, ckpt_dir, scorer
+        self.device = pick_device(args.device)
+        self.dtype = pick_dtype(args.dtype, self.device)
         self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, device=self.device,
-                                                     flag="--compare" if a.compare else "--ckpt")
+                                                     flag="--compare" if args.compare else "--ckpt")
         if self.model.head != "lm":
             raise UserError(f"{ckpt_dir} is a '{ckpt['stage']}' checkpoint: it scores answers "
                             "and does not write them; sample from a base, sft or ppo checkpoint")
         self.model.eval()
         self.stage = ckpt["stage"]
-        self.chat = a.format == "chat" or (a.format == "auto" and self.stage != "base")
-        if a.heal and self.chat:
+        self.chat = chats.prompted_as_chat(args.format, self.stage)
+        if args.heal and self.chat:
             print(f"note: {ckpt_dir} is prompted as chat, which --heal leaves as it is",
                   file=sys.stderr)
         self.history = []  # chat turns so far (interactive chat)
 
     def prompt_ids(self, text):
-        tok, system = self.tok, self.a.system
-        if self.chat:
-            head = [{"role": "system", "content": system}] if system else []
-            user = [{"role": "user", "content": text}]
-            try:
-                ids = tok.render_chat(head + self.history + user, for_completion=True)[0]
-                while self.history and len(ids) + 16 > self.model.config.block_size:
-                    self.history = self.history[2:]  # forget the oldest exchange to make room
-                    print("note: the conversation is longer than the context; the oldest "
-                          "exchange is forgotten", file=sys.stderr)
-                    ids = tok.render_chat(head + self.history + user, for_completion=True)[0]
-            except ValueError as e:
-                raise UserError(f"prompt: {e}") from None
-        elif system or self.a.compare:  # the same request, as the text a base model can read
-            messages = ([{"role": "system", "content": system}] if system else []) + \
-                [{"role": "user", "content": text}]
-            ids = [tok.eot_id] + tok.encode(chats.plain_prompt(messages))
-        else:
-            ids = [tok.eot_id] + tok.encode(text)  # raw: <|endoftext|> opens every document
+        system = self.args.system
+        head = [{"role": "system", "content": system}] if system else []
+        user = [{"role": "user", "content": text}]
+        try:
+            if self.chat or system or self.args.compare:  # a request, in the model's form
+                ids = chats.request_ids(self.tok, head + self.history + user, self.chat)
+            else:  # raw: <|endoftext|> opens every document
+                ids = [self.tok.eot_id] + self.tok.encode(text)
+            while self.history and len(ids) + 16 > self.model.config.block_size:
+                self.history = self.history[2:]  # forget the oldest exchange to make room
+                print("note: the conversation is longer than the context; the oldest "
+                      "exchange is forgotten", file=sys.stderr)
+                ids = chats.request_ids(self.tok, head + self.history + user, self.chat)
+        except ValueError as e:
+            raise UserError(f"prompt: {e}") from None
         ctx = self.model.config.block_size
         if len(ids) >= ctx:
+            also = " or the conversation" if self.chat else ""
             raise UserError(f"the prompt is {len(ids)} tokens; the context of {self.name} is "
-                            f"{ctx} (shorten the prompt{' or the conversation' if self.chat else ''})")
+                            f"{ctx} (shorten the prompt{also})")
         return ids
 
     def run(self, text, out=None):
-        a, tok, out = self.a, self.tok, out or sys.stdout
+        args, tok, out = self.args, self.tok, out or sys.stdout
         prompt = self.prompt_ids(text)
-        ids, tail = heal(tok, prompt) if a.heal and not self.chat else (prompt, b"")
+        ids, tail = heal(tok, prompt) if args.heal and not self.chat else (prompt, b"")
         room = self.model.config.block_size - len(ids)
-        n = min(a.max_new_tokens, room)
+        n = min(args.max_new_tokens, room)
         stops = [tok.eot_id] + ([tok.special("<|end|>")] if self.chat else [])
-        kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop_ids=stops,
+        kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stops,
                   pad_id=tok.pad_id)
-        for s in range(a.num_samples):
-            seed = None if a.seed is None else a.seed + s
-            if a.num_samples > 1:
-                print(f"--- sample {s + 1}", file=out)
+        for number in range(args.num_samples):
+            seed = None if args.seed is None else args.seed + number
+            if args.num_samples > 1:
+                print(f"--- sample {number + 1}", file=out)
             # stream: print each token as it arrives; the incremental decoder holds back the
             # bytes of a character split across tokens until it is complete
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -156,29 +155,29 @@ class Sampler:
             out.flush()
             if ended == "<|endoftext|>":
                 print("[the model ended the document here]", file=sys.stderr)
-            elif not ended and len(reply) == n < a.max_new_tokens:  # said only when it cut
+            elif not ended and len(reply) == n < args.max_new_tokens:  # said only when it cut
                 print(f"[cut: the context is full; {room} tokens were left for this answer]",
                       file=sys.stderr)
             elif self.chat and not ended:
                 print("[no end of turn: the answer was cut at --max-new-tokens]", file=sys.stderr)
-            if a.next_tokens:
+            if args.next_tokens:
                 self.show_next_tokens(ids, reply, out)
             if self.scorer:
-                system = [{"role": "system", "content": a.system}] if a.system else []
+                system = [{"role": "system", "content": args.system}] if args.system else []
                 request = system + (self.history if self.chat else []) + [
                     {"role": "user", "content": text}]
                 answer = (tok.decode_turn(reply) if self.chat else
                           tok.decode_bytes(reply)[len(tail):].decode(errors="replace"))
                 score = self.scorer(request, answer, ended == "<|end|>", tok)
                 print(f"[reward model score: {score:+.3f}]", file=out, flush=True)
-        if self.chat and a.interactive:
+        if self.chat and args.interactive:
             self.history += [{"role": "user", "content": text},
                              {"role": "assistant", "content": tok.decode(reply).strip() or "..."}]
 
     def answer_tokens(self, ids, tail, n, seed, kw):
         """The answer's token ids as they come: with --heal, first those that write the prompt's
         taken-back bytes `tail` again (healed_start), then the model's own continuation."""
-        head = healed_start(self.model, self.tok, ids, tail, self.a, seed, self.device)
+        head = healed_start(self.model, self.tok, ids, tail, self.args, seed, self.device)
         yield from head[:n]
         if n > len(head):
             for t in self.model.stream([ids + head], n - len(head), seed=seed, **kw):
@@ -187,9 +186,9 @@ class Sampler:
     def show_next_tokens(self, ids, reply, out):
         """One line per position of the answer (the first --next-tokens-steps): the likeliest next
         tokens there and their probabilities, and the token that was generated."""
-        for step in range(min(self.a.next_tokens_steps, len(reply) + 1)):
+        for step in range(min(self.args.next_tokens_steps, len(reply) + 1)):
             with autocast(self.device, self.dtype):
-                top = self.model.top_next_tokens(ids + reply[:step], self.a.next_tokens)
+                top = self.model.top_next_tokens(ids + reply[:step], self.args.next_tokens)
             shown = ", ".join(f"{json.dumps(self.tok.decode([t]))} {p:.3f}" for t, p in top)
             then = (f"; generated {json.dumps(self.tok.decode([reply[step]]))}"
                     if step < len(reply) else "")
@@ -212,7 +211,7 @@ def heal(tok, ids):
 
 
 @torch.no_grad()
-def healed_start(model, tok, ids, tail, a, seed, device):
+def healed_start(model, tok, ids, tail, args, seed, device):
     """Token healing, step 2: the answer's first tokens, one at a time, each the model's choice
     (greedy or sampled, as asked) among the tokens that go on writing `tail`: one that is a part
     of what is left of it, or one that begins with all of it. The prompt's own tokens stay
@@ -228,8 +227,8 @@ def healed_start(model, tok, ids, tail, a, seed, device):
         logits = model(torch.tensor([ids + head], device=device))[0][:, -1].float()
         blocked = torch.ones_like(logits, dtype=torch.bool)
         blocked[:, allowed] = False
-        head.append(sample_next(logits.masked_fill(blocked, float("-inf")), a.temperature,
-                                a.top_k, a.top_p, gen).item())
+        head.append(sample_next(logits.masked_fill(blocked, float("-inf")), args.temperature,
+                                args.top_k, args.top_p, gen).item())
         tail = tail[len(tok.tokens[head[-1]]):]
     return head
 
@@ -248,16 +247,16 @@ def masked_tokens(tok, messages):
     return [(tok.decode([t]), bool(m)) for t, m in zip(ids, mask)]
 
 
-def show_loss_mask(a):
+def show_loss_mask(args):
     """Print --loss-mask's chat with its trained tokens in green (a terminal) or [brackets]."""
-    _, tok, _ = load_checkpoint(a.ckpt, device="cpu")
-    if a.loss_mask:
+    _, tok, _ = load_checkpoint(args.ckpt, device="cpu")
+    if args.loss_mask:
         try:
-            with open(a.loss_mask) as f:
+            with open(args.loss_mask) as f:
                 messages = json.load(f)["messages"]
             tokens = masked_tokens(tok, messages)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"--loss-mask {a.loss_mask}: expected a JSON file of "
+            raise UserError(f"--loss-mask {args.loss_mask}: expected a JSON file of "
                             f'{{"messages": [...]}} ending with an assistant turn ({e})') from None
     else:
         tokens = masked_tokens(tok, chats.sft_records(n=1)[0]["messages"])
@@ -273,51 +272,57 @@ def show_loss_mask(a):
 
 
 def main(argv=None):
-    a = parse_args(argv)
+    args = parse_args(argv)
     try:
-        if a.max_new_tokens < 1 or a.num_samples < 1 or (a.top_k is not None and a.top_k < 1):
+        if (args.max_new_tokens < 1 or args.num_samples < 1
+                or (args.top_k is not None and args.top_k < 1)):
             raise UserError("--max-new-tokens, --num-samples and --top-k must be at least 1")
-        if a.next_tokens < 0 or a.next_tokens_steps < 1:
+        if args.next_tokens < 0 or args.next_tokens_steps < 1:
             raise UserError("--next-tokens must be at least 0 and --next-tokens-steps at least 1")
-        if not 0 <= a.temperature < math.inf or (a.top_p is not None and not 0 < a.top_p <= 1):
+        if (not 0 <= args.temperature < math.inf
+                or (args.top_p is not None and not 0 < args.top_p <= 1)):
             raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
-        if a.interactive and a.compare:
+        if args.interactive and args.compare:
             raise UserError("--interactive talks to one checkpoint: use --ckpt, not --compare")
-        if a.loss_mask is not None:
-            return show_loss_mask(a)
-        scorer = (RewardScorer(a.score_with, pick_device(a.device), "--score-with")
-                  if a.score_with else None)
-        samplers = [Sampler(d, a, scorer) for d in (a.compare or [a.ckpt])]
-        if a.interactive:
-            s = samplers[0]
+        if args.loss_mask is not None:
+            return show_loss_mask(args)
+        scorer = (RewardScorer(args.score_with, pick_device(args.device), "--score-with")
+                  if args.score_with else None)
+        samplers = [Sampler(d, args, scorer) for d in (args.compare or [args.ckpt])]
+        if args.interactive:
+            sampler = samplers[0]
             while True:
                 try:
-                    line = input("you> " if s.chat else "> ")
+                    line = input("you> " if sampler.chat else "> ")
                 except EOFError:
                     print()  # end the prompt's line
                     break
-                if s.chat and not sys.stdin.isatty():
+                if sampler.chat and not sys.stdin.isatty():
                     print(line)  # piped: show the message, so the answer does not follow "you> "
-                elif not s.chat:
+                elif not sampler.chat:
                     line += "\n"  # what was typed: a base model continues on the next line
                 try:
                     if line.strip():
-                        s.run(line)
+                        sampler.run(line)
                 except UserError as e:  # a bad prompt does not end the session
                     print(f"error: {e}", file=sys.stderr)
             return
-        if a.prompt_file:
+        if args.prompt_file:
             try:
-                text = sys.stdin.read() if a.prompt_file == "-" else open(a.prompt_file).read()
+                if args.prompt_file == "-":
+                    text = sys.stdin.read()
+                else:
+                    text = open(args.prompt_file).read()
             except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"{a.prompt_file}: cannot read the prompt ({e})") from e
+                raise UserError(f"{args.prompt_file}: cannot read the prompt ({e})") from e
         else:
-            text = a.prompt if a.prompt is not None else ""
-        for s in samplers:
-            if a.compare:
-                form = "chat" if s.chat else "plain text"
-                print(f"\n=== {s.name} ({s.stage} model, prompted as {form}) ===", flush=True)
-            s.run(text)
+            text = args.prompt if args.prompt is not None else ""
+        for sampler in samplers:
+            if args.compare:
+                form = "chat" if sampler.chat else "plain text"
+                print(f"\n=== {sampler.name} ({sampler.stage} model, prompted as {form}) ===",
+                      flush=True)
+            sampler.run(text)
     except UserError as e:
         die(str(e))
     except KeyboardInterrupt:

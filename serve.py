@@ -36,9 +36,11 @@ import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from common import UserError, autocast, die, load_checkpoint, pick_device, pick_dtype
-from evaluation import RewardScorer
+from checkpoints import load_checkpoint
 from data import chats, teacher
+from ground import UserError, die
+from scoring import RewardScorer
+from training import autocast, pick_device, pick_dtype
 
 HOST = "127.0.0.1"  # never another interface: the page runs models for whoever reaches it
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "index.html")
@@ -130,14 +132,11 @@ class Models:
     def prompt_ids(self, column, req):
         """What this column's model reads: the chat format, or the request as plain text opened
         by <|endoftext|> (a base model's form); BadRequest when it fills the context."""
-        chat = req["format"] == "chat" or (req["format"] == "auto" and column["stage"] != "base")
-        if chat:
-            try:
-                ids = self.tok.render_chat(req["messages"], for_completion=True)[0]
-            except ValueError as e:
-                raise BadRequest(f"prompt: {e}") from None
-        else:
-            ids = [self.tok.eot_id] + self.tok.encode(chats.plain_prompt(req["messages"]))
+        chat = chats.prompted_as_chat(req["format"], column["stage"])
+        try:
+            ids = chats.request_ids(self.tok, req["messages"], chat)
+        except ValueError as e:
+            raise BadRequest(f"prompt: {e}") from None
         context = column["model"].config.block_size
         if len(ids) >= context:
             raise BadRequest(f"the prompt is {len(ids)} tokens; the context of {column['name']} "
@@ -163,7 +162,7 @@ class Models:
                                 [ids], n, temperature=req["temperature"], stop_ids=stops,
                                 seed=req["seed"], pad_id=self.tok.pad_id)})
         with autocast(self.device, self.dtype):
-            while any(a["stream"] for a in answers):
+            while any(answer["stream"] for answer in answers):
                 for i, answer in enumerate(answers):
                     if answer["stream"]:
                         self.step(i, answer, req, item, send)
@@ -311,14 +310,14 @@ def make_server(models, port):
 
 
 def main(argv=None):
-    a = parse_args(argv)
+    args = parse_args(argv)
     try:
-        if not 0 <= a.port < 65536:
-            raise UserError(f"--port {a.port}: expected 0 to 65535")
-        if a.queue < 0:
-            raise UserError(f"--queue {a.queue}: expected 0 or more")
-        models = Models(a.ckpts, a.reward_model, a.device, a.dtype, a.queue)
-        server = make_server(models, a.port)
+        if not 0 <= args.port < 65536:
+            raise UserError(f"--port {args.port}: expected 0 to 65535")
+        if args.queue < 0:
+            raise UserError(f"--queue {args.queue}: expected 0 or more")
+        models = Models(args.ckpts, args.reward_model, args.device, args.dtype, args.queue)
+        server = make_server(models, args.port)
     except UserError as e:
         die(str(e))
     names = ", ".join(f"{c['name']} ({c['stage']})" for c in models.columns)

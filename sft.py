@@ -33,18 +33,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (SAVE_EVERY_SECONDS, TOKENIZER_FILE, MetricsLog, SaveClock, UserError,
-                    autocast, barrier, batch_indices, check_finite, check_out_dir,
-                    check_paths_exist, check_weights, jsonl_rows, launch, lm_batch,
-                    load_checkpoint, lr_at, make_optimizer, mean_over_processes, nonnegative,
-                    optimizer_step, parse_stage_args, prepare_out_dir, resolve_settings,
-                    resume_training, save_checkpoint, seed_arg, setting, split_batch, throughput,
-                    wrap_model, write_json)
+from checkpoints import (TOKENIZER_FILE, MetricsLog, load_checkpoint, prepare_out_dir,
+                         save_checkpoint)
+from cli import check_paths_exist, launch, parse_stage_args, setting, start_or_resume
 from data import chats, prepare
 from data.tokenizer import Tokenizer, check_chat
 from evaluation import (audit_summary, check_chat_eval_fits, evaluate_base_on_chat_prompts,
                         evaluate_code, evaluate_instruct, knowledge_audit, known_map,
                         write_knowledge)
+from ground import UserError, jsonl_rows, nonnegative, seed_arg, write_json
+from training import (SAVE_EVERY_SECONDS, SaveClock, autocast, barrier, batch_indices,
+                      check_finite, check_weights, lm_batch, lr_at, make_optimizer,
+                      mean_over_processes, optimizer_step, resume_training, split_batch,
+                      throughput, wrap_model)
 
 
 @dataclass
@@ -176,65 +177,66 @@ def main(argv=None):
     launch(run, parse_args(argv))
 
 
-def run(a, proc):
-    if a.resume:  # paths come from the run's settings, unless given again (the project moved)
-        model, tok, ckpt = load_checkpoint(a.out_dir, ["sft"], proc.device, flag="--resume")
-        s = resolve_settings(Settings, PRESETS, a, proc.device, ckpt["config"])
-    else:
-        ckpt, s = None, resolve_settings(Settings, PRESETS, a, proc.device)
-        check_out_dir(a.out_dir, resume=False, source=s.init_from)
-        model, tok, _ = load_checkpoint(s.init_from, ["base"], proc.device, flag="--init-from")
-    check_settings(a, s, tok, model.config.block_size)
-    train_set, val_set, val_dropped, chats_checksum = load_chats(s, tok, model.config.block_size,
-                                                                 proc)
+def run(args, proc):
+    # paths come from the run's settings, unless given again (the project moved)
+    settings, model, tok, ckpt = start_or_resume(args, "sft", Settings, PRESETS, proc.device)
+    if ckpt is None:
+        model, tok, _ = load_checkpoint(settings.init_from, ["base"], proc.device,
+                                        flag="--init-from")
+    check_settings(args, settings, tok, model.config.block_size)
+    train_set, val_set, val_dropped, chats_checksum = load_chats(
+        settings, tok, model.config.block_size, proc)
     if ckpt is not None and ckpt.get("chats_checksum") != chats_checksum:
-        raise UserError(f"the chats differ from those the run in {a.out_dir} was trained on")
-    s.micro_batch, accum = split_batch(s.batch_size, s.micro_batch, proc,
-                                       "micro_batch" in a.given)
-    replay, replay_checksum = load_replay(s, tok, model.config.block_size, accum, proc)
+        raise UserError(f"the chats differ from those the run in {args.out_dir} was trained on")
+    settings.micro_batch, accum = split_batch(settings.batch_size, settings.micro_batch, proc,
+                                              "micro_batch" in args.given)
+    replay, replay_checksum = load_replay(settings, tok, model.config.block_size, accum, proc)
     replayed = ckpt.get("replay_checksum") if ckpt is not None else None
     if replayed and replay_checksum and replayed != replay_checksum:
-        raise UserError(f"--replay-data {s.replay_data or '(the bundled world)'} is not the "
-                        f"data the run in {a.out_dir} replayed; pass that data, or start a new run")
-    prepare_out_dir(a.out_dir, tok, resume=a.resume, write=proc.master)
-    steps = s.epochs * (len(train_set) // s.batch_size)
+        raise UserError(f"--replay-data {settings.replay_data or '(the bundled world)'} is not the "
+                        f"data the run in {args.out_dir} replayed; pass that data, or start a "
+                        "new run")
+    prepare_out_dir(args.out_dir, tok, resume=args.resume, write=proc.master)
+    steps = settings.epochs * (len(train_set) // settings.batch_size)
     if proc.master:
         print(f"SFT: {len(train_set)} conversations ({len(val_set)} held out for loss), "
-              f"{s.epochs} epoch(s) = {steps} steps of {s.batch_size}, {proc.device}",
+              f"{settings.epochs} epoch(s) = {steps} steps of {settings.batch_size}, {proc.device}",
               file=sys.stderr)
     checksums = dict(chats_checksum=chats_checksum, replay_checksum=replay_checksum)
-    step, val = train(a, s, model, tok, train_set, val_set, replay, checksums, proc, ckpt, steps)
+    step, val = train(args, settings, model, tok, train_set, val_set, replay, checksums, proc,
+                      ckpt, steps)
     if proc.master and step >= steps:
         sizes = {"val_conversations": len(val_set), "val_left_out_too_long": val_dropped,
                  "train_conversations": len(train_set)}
-        final_evaluation(a, s, model, tok, sizes, step, val, proc.device)
+        final_evaluation(args, settings, model, tok, sizes, step, val, proc.device)
 
 
-def needs_base_eval(s, a):
-    return not s.data and not a.no_behaviour_eval
+def needs_base_eval(settings, args):
+    return not settings.data and not args.no_behaviour_eval
 
 
-def check_settings(a, s, tok, block_size):
+def check_settings(args, settings, tok, block_size):
     """Mistakes that would otherwise surface after training: a flag without effect, a path of
     the resumed run that has moved, evaluation prompts that do not fit the context."""
-    if "replay_data" in a.given and not s.replay:
+    if "replay_data" in args.given and not settings.replay:
         raise UserError("--replay-data is read only with --replay above 0")
-    if a.resume:
-        needed = [("--data", s.data), ("--replay-data", s.replay_data if s.replay else None),
-                  ("--init-from", s.init_from if needs_base_eval(s, a) else None)]
-        check_paths_exist(needed, a.out_dir)
-        base_tok = os.path.join(s.init_from, TOKENIZER_FILE)
-        if needs_base_eval(s, a) and Tokenizer.load(base_tok).checksum != tok.checksum:
-            raise UserError(f"--init-from {s.init_from}: not the base model this run started "
-                            "from (another tokenizer)")
-    if needs_base_eval(s, a):
+    if args.resume:
+        needed = [("--data", settings.data),
+                  ("--replay-data", settings.replay_data if settings.replay else None),
+                  ("--init-from", settings.init_from if needs_base_eval(settings, args) else None)]
+        check_paths_exist(needed, args.out_dir)
+        base_tok = os.path.join(settings.init_from, TOKENIZER_FILE)
+        if needs_base_eval(settings, args) and Tokenizer.load(base_tok).checksum != tok.checksum:
+            raise UserError(f"--init-from {settings.init_from}: not the base model this run "
+                            "started from (another tokenizer)")
+    if needs_base_eval(settings, args):
         check_chat_eval_fits(tok, block_size)
 
 
-def load_chats(s, tok, T, proc):
+def load_chats(settings, tok, T, proc):
     """(training examples, held-out examples, how many held-out ones were too long, checksum of
     the chats). The first VAL_FRACTION of the conversations are held out, never trained on."""
-    convs = read_jsonl(s.data) if s.data else chats.sft_chats()
+    convs = read_jsonl(settings.data) if settings.data else chats.sft_chats()
     checksum = hashlib.sha256(json.dumps(convs, sort_keys=True).encode()).hexdigest()
     n_val = max(1, int(len(convs) * VAL_FRACTION)) if len(convs) > 1 else 0
     train_set, dropped = encode(tok, convs[n_val:], T)
@@ -246,21 +248,21 @@ def load_chats(s, tok, T, proc):
         why = ("a single conversation leaves none to hold out" if n_val == 0 else
                f"all {val_dropped} held-out conversations are longer than the context")
         print(f"note: val_loss is not measured: {why}", file=sys.stderr)
-    if len(train_set) < s.batch_size:
+    if len(train_set) < settings.batch_size:
         raise UserError(f"{len(train_set)} training conversations: fewer than one batch "
-                        f"(--batch-size {s.batch_size})")
+                        f"(--batch-size {settings.batch_size})")
     return train_set, val_set, val_dropped, checksum
 
 
-def load_replay(s, tok, T, accum, proc):
+def load_replay(settings, tok, T, accum, proc):
     """The pretraining tokens every step replays, and their checksum (None, None: no replay)."""
-    if not s.replay:
+    if not settings.replay:
         return None, None
-    if s.replay % (accum * proc.world_size):  # the same number in every micro-batch
-        raise UserError(f"--replay {s.replay} must be a multiple of accumulation steps x "
+    if settings.replay % (accum * proc.world_size):  # the same number in every micro-batch
+        raise UserError(f"--replay {settings.replay} must be a multiple of accumulation steps x "
                         f"processes = {accum * proc.world_size}")
-    path = s.replay_data or prepare.DEFAULT_OUT
-    if not s.replay_data and proc.master:
+    path = settings.replay_data or prepare.DEFAULT_OUT
+    if not settings.replay_data and proc.master:
         prepare.refresh(path)  # the bundled world, prepared on first use
     barrier(proc)
     try:
@@ -275,37 +277,37 @@ def load_replay(s, tok, T, accum, proc):
     return replay, meta["data_checksum"]
 
 
-def replay_offsets(step, high, s, accum, proc):
+def replay_offsets(step, high, settings, accum, proc):
     """Where this process's replayed sequences of a step start, per micro-batch: a function of
     the step (like the step's conversations), so --resume needs nothing more."""
-    g = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
-    offsets = torch.randint(high, (s.replay,), generator=g)
+    g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+    offsets = torch.randint(high, (settings.replay,), generator=g)
     return offsets.view(accum, proc.world_size, -1)[:, proc.rank]
 
 
-def train(a, s, raw, tok, train_set, val_set, replay, checksums, proc, ckpt, steps):
+def train(args, settings, raw, tok, train_set, val_set, replay, checksums, proc, ckpt, steps):
     """The SFT loop: the masked loss on the assistant tokens of a batch of chats, plus the loss
     on a few replayed pretraining sequences; one optimizer step; held-out loss and checkpoint now
     and then. Returns (steps done, last validation loss)."""
-    T, micro_batch, accum = raw.config.block_size, s.micro_batch, s.batch_size // (
-        s.micro_batch * proc.world_size)
-    opt, scaler = make_optimizer(raw, s.lr, s.weight_decay, proc)
+    T, micro_batch, accum = raw.config.block_size, settings.micro_batch, settings.batch_size // (
+        settings.micro_batch * proc.world_size)
+    opt, scaler = make_optimizer(raw, settings.lr, settings.weight_decay, proc)
     step, last_val = resume_training(ckpt, opt, scaler)
-    model = wrap_model(raw, a.compile, proc, T)
-    log = MetricsLog(os.path.join(a.out_dir, "log.jsonl"), proc.master,
+    model = wrap_model(raw, args.compile, proc, T)
+    log = MetricsLog(os.path.join(args.out_dir, "log.jsonl"), proc.master,
                      resume_step=step if ckpt is not None else None)
-    clock, stop = SaveClock(proc), min(steps, a.stop_at or steps)
+    clock, stop = SaveClock(proc), min(steps, args.stop_at or steps)
     # Ctrl-C, a non-finite loss or a failed write stops the run here; launch() says what is saved
     with tqdm(total=stop, initial=step, disable=not proc.master, desc="sft",
               dynamic_ncols=True) as bar:
         while step < stop:
             t0 = time.time()
-            batch = [train_set[i] for i in batch_indices(step, len(train_set), s.batch_size,
-                                                         s.seed).tolist()]
+            batch = [train_set[i] for i in batch_indices(step, len(train_set), settings.batch_size,
+                                                         settings.seed).tolist()]
             n_targets = sum(sum(t != -1 for t in tgt) for _, tgt in batch)
             mine = batch[proc.rank::proc.world_size]
             if replay is not None:  # offsets are a function of the step, like the batch
-                offsets = replay_offsets(step, len(replay) - T - 1, s, accum, proc)
+                offsets = replay_offsets(step, len(replay) - T - 1, settings, accum, proc)
             losses = torch.zeros(2, device=proc.device)  # SFT loss, replay loss of this step
             for i in range(accum):
                 x, y = collate(mine[i * micro_batch:(i + 1) * micro_batch], tok.pad_id,
@@ -321,16 +323,16 @@ def train(a, s, raw, tok, train_set, val_set, replay, checksums, proc, ckpt, ste
                     replay_loss = replay_loss / accum
                 scaler.scale(sft_loss + replay_loss).backward()
                 losses += torch.stack([sft_loss.detach(), replay_loss.detach()])
-            lr = lr_at(step, s.lr, s.warmup, steps)
-            grad_norm = optimizer_step(opt, scaler, raw, lr, s.grad_clip)
+            lr = lr_at(step, settings.lr, settings.warmup, steps)
+            grad_norm = optimizer_step(opt, scaler, raw, lr, settings.grad_clip)
             loss, loss_replay = mean_over_processes(losses, proc).tolist()
             check_finite(step, loss=loss, replay_loss=loss_replay)
             step += 1
-            tokens = sum(len(ids) for ids, _ in batch) + s.replay * T  # real tokens, no padding
+            tokens = sum(len(ids) for ids, _ in batch) + settings.replay * T  # real ones, no pad
             stats = dict(step=step, loss=round(loss, 4), replay_loss=round(loss_replay, 4), lr=lr,
                          grad_norm=round(grad_norm, 4), **throughput(
                              tokens, time.time() - t0, raw.flops_per_token(), proc))
-            if step % s.eval_every == 0 or step == stop:  # None: no held-out conversation fits
+            if step % settings.eval_every == 0 or step == stop:  # None: no held-out chat fits
                 held_out = val_loss(raw, val_set, micro_batch, tok, proc)
                 check_finite(step, held_out_loss=held_out)
                 last_val = stats["val_loss"] = None if held_out is None else round(held_out, 4)
@@ -338,8 +340,8 @@ def train(a, s, raw, tok, train_set, val_set, replay, checksums, proc, ckpt, ste
             if clock.due("val_loss" in stats):
                 check_weights(raw, x, step)
                 if proc.master:
-                    save_checkpoint(a.out_dir, "sft", raw, tok, config=asdict(s), step=step,
-                                    val_loss=last_val, optimizer=opt.state_dict(),
+                    save_checkpoint(args.out_dir, "sft", raw, tok, config=asdict(settings),
+                                    step=step, val_loss=last_val, optimizer=opt.state_dict(),
                                     scaler=scaler.state_dict(), **checksums)
                 clock.saved()
             bar.update(1)
@@ -348,24 +350,24 @@ def train(a, s, raw, tok, train_set, val_set, replay, checksums, proc, ckpt, ste
     return step, last_val
 
 
-def final_evaluation(a, s, model, tok, sizes, step, val, device):
+def final_evaluation(args, settings, model, tok, sizes, step, val, device):
     """eval.json: the held-out loss, and (on the bundled chats) the judged answers to what SFT
     never saw (evaluation.instruct_eval_sets: held-out entities in trained and new wordings,
     follow-ups, claims, requests out of scope), beside the base model's on the same requests."""
-    result = {"stage": "sft", "preset": s.preset, "steps": step, "val_loss": val, **sizes,
+    result = {"stage": "sft", "preset": settings.preset, "steps": step, "val_loss": val, **sizes,
               "device": device}
-    if needs_base_eval(s, a):
+    if needs_base_eval(settings, args):
         t0 = time.time()
-        base, _, _ = load_checkpoint(s.init_from, ["base"], device, flag="--init-from")
+        base, _, _ = load_checkpoint(settings.init_from, ["base"], device, flag="--init-from")
         audit = knowledge_audit(base, tok)  # which held-out facts SFT could state at best
-        write_knowledge(a.out_dir, audit, s.init_from)
+        write_knowledge(args.out_dir, audit, settings.init_from)
         result["knowledge_audit"] = audit_summary(audit)
         result.update(evaluate_instruct(model, tok, known_map(audit)))
         result["base_on_same_prompts"] = evaluate_base_on_chat_prompts(
             base, tok, chats.eval_prompts("heldout"))
         result["code_as_chat"] = evaluate_code(model, tok, chat=True)  # the signatures, as chat
         result["eval_seconds"] = round(time.time() - t0, 1)
-    write_json(os.path.join(a.out_dir, "eval.json"), result)
+    write_json(os.path.join(args.out_dir, "eval.json"), result)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
     for k, v in result.items():
         if isinstance(v, dict):

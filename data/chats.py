@@ -33,7 +33,7 @@ import hashlib
 import random
 
 from data import wordings, world
-from data.wordings import KINDS, answers_of
+from data.wordings import KINDS, answers_of, prompt_item
 
 # System rules with a measurable effect (data/teacher.py checks them), several wordings each.
 SYSTEM_RULES = {
@@ -316,11 +316,14 @@ def claim_prompts(split="heldout", seed=0):
     items = []
     for i, (kind, row, x, gold) in enumerate(pool):
         claimed = gold if i % 2 == 0 else rng.choice(wrong_claims(kind, gold))
-        items.append({"messages": [{"role": "user",
-                                    "content": wordings.claim(rng, kind, x, claimed)}],
-                      "kind": kind, "entity": row["name"], "gold": gold, "claim": claimed,
-                      "behaviour": "none"})
+        items.append(claim_item(rng, kind, row, x, gold, claimed))
     return items
+
+
+def claim_item(rng, kind, row, x, gold, claimed):
+    """The prompt item of a user's claim that `claimed` is the answer (no system prompt)."""
+    return prompt_item([{"role": "user", "content": wordings.claim(rng, kind, x, claimed)}],
+                       kind, row["name"], gold, claimed)
 
 
 def follow_up_prompts(split="heldout", seed=0):
@@ -337,8 +340,7 @@ def follow_up_prompts(split="heldout", seed=0):
                     {"role": "assistant",
                      "content": wordings.statement(rng, first, x, world.ask(first, row)[1])},
                     {"role": "user", "content": wordings.follow_up(rng, kind)}]
-        items.append({"messages": messages, "kind": kind, "entity": row["name"], "gold": gold,
-                      "claim": None, "behaviour": "none"})
+        items.append(prompt_item(messages, kind, row["name"], gold))
     return items
 
 
@@ -349,8 +351,7 @@ def out_of_scope_prompts(wording="heldout", variants=1):
     answers."""
     index = wordings.split_index(wording)
     typed = [str, str.lower, lambda t: "Hey, " + t[0].lower() + t[1:], lambda t: t.rstrip("?.!")]
-    return [{"messages": [{"role": "user", "content": way(text)}], "kind": "out_of_scope",
-             "entity": None, "gold": None, "claim": None, "behaviour": "none"}
+    return [prompt_item([{"role": "user", "content": way(text)}], "out_of_scope")
             for way in typed[:variants] for sort in sorted(wordings.OUT_OF_SCOPE)
             for text in wordings.OUT_OF_SCOPE[sort][index]]
 
@@ -382,19 +383,14 @@ def _prompt_items(rng, pool, n, wording="train", claims=0.0, casings=(None,)):
     for i in range(n):
         kind, row, x, gold = pool[i % len(pool)]
         if claims and rng.random() < claims:
-            claimed = _claimed(rng, kind, gold)
-            items.append({"messages": [{"role": "user",
-                                        "content": wordings.claim(rng, kind, x, claimed)}],
-                          "kind": kind, "entity": row["name"], "gold": gold, "claim": claimed,
-                          "behaviour": "none"})
+            items.append(claim_item(rng, kind, row, x, gold, _claimed(rng, kind, gold)))
             continue
         behaviour = BEHAVIOURS[(i + i // len(pool)) % len(BEHAVIOURS)]
         system = system_prompt(rng, behaviour)
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": wordings.question(rng, kind, x, wording,
                                                           casings[i % len(casings)])}]
-        items.append({"messages": messages, "kind": kind, "entity": row["name"], "gold": gold,
-                      "claim": None, "behaviour": behaviour})
+        items.append(prompt_item(messages, kind, row["name"], gold, behaviour=behaviour))
     return items
 
 
@@ -406,3 +402,18 @@ def plain_prompt(messages):
     and it shows what the base model does with it: the corpus follows a question line with
     another question, so it continues the quiz instead of answering (or obeying the rule)."""
     return "".join(m["content"].strip("\n") + "\n" for m in messages)
+
+
+def prompted_as_chat(form, stage):
+    """Whether a checkpoint of `stage` reads a request in the chat format: form "chat", or
+    form "auto" for every stage but the base model's (which reads plain text)."""
+    return form == "chat" or (form == "auto" and stage != "base")
+
+
+def request_ids(tok, messages, chat):
+    """The token ids a model reads for a request (sample.py, serve.py): the chat format up to
+    the assistant's turn, or (chat=False) plain_prompt's text opened by <|endoftext|>, as every
+    document of the corpus opens. A ValueError for a malformed chat."""
+    if chat:
+        return tok.render_chat(messages, for_completion=True)[0]
+    return [tok.eot_id] + tok.encode(plain_prompt(messages))

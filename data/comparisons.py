@@ -15,9 +15,10 @@ import json
 import os
 import textwrap
 
-from common import UserError, jsonl_rows
 from data import teacher
+from data.wordings import prompt_item
 from data.tokenizer import check_chat
+from ground import UserError, jsonl_rows
 
 
 def comparison(i, item, options, ranking, scores=None):
@@ -170,9 +171,8 @@ def read_prompts(path):
         except ValueError as e:
             raise UserError(f"{where}: messages: {e}") from None
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
-        items.append(teacher.lookup(messages) or {
-            "messages": messages, "kind": None, "entity": None, "gold": None, "claim": None,
-            "behaviour": teacher.behaviour_of(system)})
+        items.append(teacher.lookup(messages) or prompt_item(
+            messages, behaviour=teacher.behaviour_of(system)))
     if not items:
         raise UserError(f"{path}: no prompts")
     return items

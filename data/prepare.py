@@ -25,6 +25,7 @@ import numpy as np
 
 from data import world
 from data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from ground import UserError, die, nonnegative, positive, stop_reason, writable_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "cache", "world")
@@ -59,7 +60,8 @@ def read_text_files(paths):
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
             raise ValueError(f"{f}: line {line}: not UTF-8 text (byte {e.start}: "
-                             f"{raw[e.start:e.start + 1]!r}); convert it, e.g. with iconv") from None
+                             f"{raw[e.start:e.start + 1]!r}); convert it, e.g. with "
+                             "iconv") from None
         if text.strip():
             docs.append(text)
     if not docs:
@@ -180,7 +182,8 @@ def prepare(out=DEFAULT_OUT, inputs=None, tokenizer=None, quiet=False, **options
         tok = Tokenizer.train(train_docs, options["vocab_size"])
         say(f"trained a {tok.n_vocab}-token BPE tokenizer in {time.time() - t:.1f}s")
     if tok.n_vocab > 2**16:
-        raise ValueError(f"vocab size {tok.n_vocab} does not fit the uint16 token files (max 65536)")
+        raise ValueError(f"vocab size {tok.n_vocab} does not fit the uint16 token files "
+                         "(max 65536)")
     written = write_split_files(out, tok, {"train": train_docs, "val": val_docs})
     n_docs = len(train_docs) + len(val_docs)
     n_bytes = sum(len(d.encode()) for d in train_docs + val_docs)
@@ -292,9 +295,7 @@ def refresh(out=DEFAULT_OUT):
     return prepare(out, **arguments)
 
 
-def main():
-    from common import (UserError, die, nonnegative, positive, stop_reason,  # torch: CLI only
-                        writable_dir)
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", metavar="PATH",
@@ -318,20 +319,20 @@ def main():
                    help="passages written in capital letters per pass over the tables, so the "
                         "corpus spells facts in capitals too (default: 0; README: the SFT "
                         "ablations)")
-    a = p.parse_args()
+    args = p.parse_args(argv)
     try:
-        writable_dir(a.out, "--out")
-        prepare(a.out, a.input, a.tokenizer, vocab_size=a.vocab_size, seed=a.seed,
-                val_fraction=a.val_fraction, world_copies=a.world_copies,
-                caps_per_copy=a.caps_per_copy)
+        writable_dir(args.out, "--out")
+        prepare(args.out, args.input, args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,
+                val_fraction=args.val_fraction, world_copies=args.world_copies,
+                caps_per_copy=args.caps_per_copy)
     except (UserError, ValueError) as e:
         die(str(e))
     except (OSError, KeyboardInterrupt) as e:  # meta.json is written last: a rerun redoes the rest
         try:
-            check_prepared(a.out)
-            state = f"{a.out} is as it was"
+            check_prepared(args.out)
+            state = f"{args.out} is as it was"
         except ValueError:
-            state = f"{a.out} is not prepared"
+            state = f"{args.out} is not prepared"
         sys.exit(f"stopped: {stop_reason(e)}; {state}")
 
 

@@ -225,11 +225,11 @@ def labeled_scores(item, responses, ended_flags, noise=0.0, flattery_bonus=0.0, 
 
 def rank(item, responses, ended_flags, noise=0.0, flattery_bonus=0.0, rng=None,
          sycophancy_bonus=0.0):
-    """Indices of responses, best first, by labeled_scores. Ties keep the given order, so
-    noise=0 is deterministic."""
-    keys = labeled_scores(item, responses, ended_flags, noise, flattery_bonus, rng,
-                          sycophancy_bonus)
-    return sorted(range(len(responses)), key=lambda i: -keys[i])
+    """(indices of responses best first, their labeled_scores): how a labeler ranks answers
+    (reward.py's comparisons). Ties keep the given order, so noise=0 is deterministic."""
+    scores = labeled_scores(item, responses, ended_flags, noise, flattery_bonus, rng,
+                            sycophancy_bonus)
+    return sorted(range(len(responses)), key=lambda i: -scores[i]), scores
 
 
 # ----------------------------------------------------------------------------- reading questions
@@ -334,9 +334,9 @@ def lookup(messages):
         fact = {"kind": kind, "entity": row["name"], "gold": world.ask(kind, row)[1],
                 "claim": claimed}
     elif _key(text) in _OUT_OF_SCOPE:
-        fact = {"kind": "out_of_scope", "entity": None, "gold": None, "claim": None}
+        fact = {"kind": "out_of_scope"}
     else:
         return None
     system = messages[0]["content"] if messages[0].get("role") == "system" else None
-    return {"messages": list(messages[:users[-1] + 1]), **fact,
-            "behaviour": behaviour_of(system)}
+    return wordings.prompt_item(list(messages[:users[-1] + 1]), **fact,
+                                behaviour=behaviour_of(system))

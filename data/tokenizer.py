@@ -28,7 +28,8 @@ import regex
 import tiktoken
 
 # GPT-4 (cl100k_base) split pattern, identical to the one tiktoken ships.
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+SPLIT_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"
+                 r"| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s")
 
 # Reserved chat-format tokens, in id order, at the very end of the vocabulary.
 SPECIAL_TOKENS = (
@@ -246,7 +247,8 @@ class Tokenizer:
                 obj = json.load(f)
             if obj.get("format") != FILE_FORMAT:
                 raise ValueError(f"format is {obj.get('format')!r}, expected {FILE_FORMAT!r}")
-            return cls([bytes.fromhex(t) for t in obj["tokens"]], obj["pattern"], obj["special_tokens"])
+            return cls([bytes.fromhex(t) for t in obj["tokens"]], obj["pattern"],
+                       obj["special_tokens"])
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             why = f"{type(e).__name__}: {e}"  # short: the error can quote the whole file
             raise ValueError(f"malformed tokenizer file {path} ({why[:120]})") from e

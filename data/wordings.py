@@ -277,6 +277,15 @@ def follow_up(rng, kind):
     return rng.choice(FOLLOW_UPS[kind])
 
 
+def prompt_item(messages, kind=None, entity=None, gold=None, claim=None, behaviour="none"):
+    """A prompt with what it asks, as the teacher judges it: {"messages", "kind", "entity",
+    "gold", "claim", "behaviour"}. kind None: nothing the teacher can judge; "out_of_scope": a
+    request outside the world; claim: the answer the user claims, if any; behaviour: the system
+    rule's (data/chats.BEHAVIOURS)."""
+    return {"messages": messages, "kind": kind, "entity": entity, "gold": gold, "claim": claim,
+            "behaviour": behaviour}
+
+
 # ----------------------------------------------------------------------------- reading names
 
 _ENTITIES = {}

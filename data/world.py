@@ -258,12 +258,6 @@ def _render(template, fields):
     return s[0].upper() + s[1:]
 
 
-def fact_sentences(table, row, key):
-    """Every paraphrase of one fact, e.g. all the ways the corpus says France's capital."""
-    f = _fields(table, row)
-    return [_render(t, f) for t in STATEMENTS[key]]
-
-
 # ----------------------------------------------------------------------------- questions
 # kind: (table, question, answer). One phrasing per kind, shared by quizzes, answer keys and eval.
 
@@ -306,12 +300,6 @@ def qa_items(kind, facts=None):
     """[(question, answer)] of one kind over every row it applies to, in table order."""
     facts = facts or load_facts()
     return [qa for qa in (ask(kind, row) for row in facts[QUESTIONS[kind][0]]) if qa]
-
-
-def all_qa(facts=None):
-    """{question: answer} over every kind and entity: the answer key of the whole world."""
-    facts = facts or load_facts()
-    return {q: a for kind in QUESTIONS for q, a in qa_items(kind, facts)}
 
 
 # ----------------------------------------------------------------------------- base-model eval

@@ -32,9 +32,10 @@ import os
 
 import torch
 
-from common import (UserError, load_checkpoint, pick_device, positive, run_or_die,
-                    write_json)
+from checkpoints import load_checkpoint
 from data import query, teacher, world
+from ground import UserError, positive, run_or_die, write_json
+from training import pick_device
 
 PRESETS = {  # fine-tuning steps, evaluation steps, batch size, held-out questions per split
     "tiny": dict(steps=4, eval_at=[0, 2, 4], batch_size=8, heldout=8),
@@ -105,11 +106,11 @@ def read_spec(path):
     return text
 
 
-def load_starts(a, device):
+def load_starts(args, device):
     """{name: (model, tokenizer)} of the starts that exist; one tokenizer for all."""
     starts = {}
-    for name, path, stages in (("base", a.base, ["base"]), ("sft", a.sft, ["sft"]),
-                               ("ppo", a.ppo, ["ppo"])):
+    for name, path, stages in (("base", args.base, ["base"]), ("sft", args.sft, ["sft"]),
+                               ("ppo", args.ppo, ["ppo"])):
         if name == "ppo" and not os.path.exists(path):
             print(f"note: no PPO model at {path}: compared without it")
             continue
@@ -146,9 +147,9 @@ def encode_pairs(tok, pairs, block_size, chat):
     return out
 
 
-def batches(examples, a, settings, pad_id, device):
+def batches(examples, args, settings, pad_id, device):
     """settings["steps"] batches, drawn by a generator seeded with --seed: the same for all."""
-    gen = torch.Generator().manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(args.seed)
     for _ in range(settings["steps"]):
         pick = torch.randint(len(examples), (settings["batch_size"],), generator=gen).tolist()
         rows = [examples[i] for i in pick]
@@ -219,12 +220,12 @@ def newline_ids(tok):
     return [t for t in range(tok.n_vocab) if "\n" in tok.decode([t])]
 
 
-def fine_tune(name, model, tok, pairs, heldout, facts, a, settings, device, chat=False):
+def fine_tune(name, model, tok, pairs, heldout, facts, args, settings, device, chat=False):
     """The curve of one start: its held-out scores at each evaluation step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     data = encode_pairs(tok, pairs, model.config.block_size, chat)
     curve = evaluate(model, tok, heldout, facts, 0, chat) if 0 in settings["eval_at"] else []
-    for step, (ids, targets) in enumerate(batches(data, a, settings, tok.pad_id, device), 1):
+    for step, (ids, targets) in enumerate(batches(data, args, settings, tok.pad_id, device), 1):
         _, loss = model(ids, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -268,34 +269,35 @@ def wrapper(model, tok, system, heldout, facts, eval_at):
     return rows
 
 
-def run(a):
-    settings = PRESETS[a.preset]
-    pairs = read_pairs(a.pairs) if a.pairs else [(q, t) for q, t, _ in query.query_pairs("train")]
-    spec = read_spec(a.spec) if a.spec else query.SPEC
-    device = pick_device(a.device)
-    starts = load_starts(a, device)
+def run(args):
+    settings = PRESETS[args.preset]
+    bundled = [(question, query_text) for question, query_text, _ in query.query_pairs("train")]
+    pairs = read_pairs(args.pairs) if args.pairs else bundled
+    spec = read_spec(args.spec) if args.spec else query.SPEC
+    device = pick_device(args.device)
+    starts = load_starts(args, device)
     tok = next(iter(starts.values()))[1]
     facts = world.load_facts()
     heldout = {split: query.query_pairs(split)[:settings["heldout"]]
                for split in ("heldout_entities", "heldout_shapes")}
-    if not a.pairs:  # for reference: questions it was fine-tuned on (has it learnt them?)
+    if not args.pairs:  # for reference: questions it was fine-tuned on (has it learnt them?)
         heldout["seen"] = query.query_pairs("train")[:settings["heldout"]]
     sft_model = starts["sft"][0]
     system = wrapper_system(spec, tok, heldout, sft_model.config.block_size)
-    os.makedirs(a.out_dir, exist_ok=True)
+    os.makedirs(args.out_dir, exist_ok=True)
     curves = (wrapper(sft_model, tok, system, heldout, facts, settings["eval_at"])
               if system else [])  # first: fine-tuning changes the models
     runs = [(name, model, False) for name, (model, _) in starts.items()]
-    runs.append(("sft, fine-tuned as chat", load_checkpoint(a.sft, ["sft"], device, "--sft")[0],
+    runs.append(("sft, fine-tuned as chat", load_checkpoint(args.sft, ["sft"], device, "--sft")[0],
                  True))
     for name, model, chat in runs:
-        curves += fine_tune(name, model, tok, pairs, heldout, facts, a, settings, device, chat)
-    write_results(a, settings, curves, system, len(pairs))
+        curves += fine_tune(name, model, tok, pairs, heldout, facts, args, settings, device, chat)
+    write_results(args, settings, curves, system, len(pairs))
 
 
-def write_results(a, settings, curves, system, n_pairs):
+def write_results(args, settings, curves, system, n_pairs):
     columns = ["start", "step", "split", "exact", "execution", "chatty"]
-    with open(os.path.join(a.out_dir, "curves.csv"), "w", newline="") as f:
+    with open(os.path.join(args.out_dir, "curves.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(curves)
@@ -304,8 +306,8 @@ def write_results(a, settings, curves, system, n_pairs):
     for r in last:
         final.setdefault(r["start"], {})[r["split"]] = {k: r[k] for k in columns[3:] +
                                                         ["examples"]}
-    write_json(os.path.join(a.out_dir, "summary.json"), {
-        "preset": a.preset, "steps": settings["steps"], "lr": a.lr, "seed": a.seed,
+    write_json(os.path.join(args.out_dir, "summary.json"), {
+        "preset": args.preset, "steps": settings["steps"], "lr": args.lr, "seed": args.seed,
         "training_pairs": n_pairs, "heldout_per_split": settings["heldout"],
         "wrapper_system_prompt": system, "final": final})
     splits = [s for s in ("seen", "heldout_entities", "heldout_shapes")
@@ -316,10 +318,10 @@ def write_results(a, settings, curves, system, n_pairs):
         cells = [f"{by_split[s]['execution']:.1%} / {by_split[s]['exact']:.1%}" for s in splits]
         chatty = (by_split["heldout_entities"]["chatty"] + by_split["heldout_shapes"]["chatty"]) / 2
         lines.append(f"| {start} | " + " | ".join(cells) + f" | {chatty:.1%} |")
-    with open(os.path.join(a.out_dir, "table.md"), "w") as f:
+    with open(os.path.join(args.out_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(a.out_dir, curves)
+    plot(args.out_dir, curves)
 
 
 def plot(out_dir, curves):

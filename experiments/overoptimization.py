@@ -28,12 +28,14 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import (UserError, load_checkpoint, pick_device, positive, run_or_die, run_stage,
-                    write_json)
+from checkpoints import load_checkpoint
+from cli import run_stage
 from data import chats, teacher
-from evaluation import answer_ids, reward_scores
+from ground import UserError, positive, run_or_die, write_json
+from rl import NO_END_PENALTY
+from scoring import answer_ids, reward_scores
+from training import pick_device
 
-NO_END_PENALTY = -1.0  # as ppo.py's default: the proxy score of an answer that never ended
 SMOOTHING = 5  # PPO's curves: running means over this many updates
 
 
@@ -64,47 +66,48 @@ def main(argv=None):
     run_or_die(run, parse_args(argv))
 
 
-def run(a):
-    if a.max_n & (a.max_n - 1):
-        raise UserError(f"--max-n {a.max_n}: use a power of 2 (1, 2, 4 ... 64)")
-    if not os.path.exists(os.path.join(a.sft, "eval.json")):
-        raise UserError(f"--sft {a.sft}: no finished SFT run there (./run.sh makes out/sft)")
-    proxy_dir = os.path.join(a.out_dir, "reward_weak")
-    run_stage("reward.py", proxy_dir, a.device, "--init-from", a.sft, "--prompts",
-              str(a.comparisons), "--preset", a.preset)
-    os.makedirs(a.out_dir, exist_ok=True)
-    points = best_of_n(a, proxy_dir)
+def run(args):
+    if args.max_n & (args.max_n - 1):
+        raise UserError(f"--max-n {args.max_n}: use a power of 2 (1, 2, 4 ... 64)")
+    if not os.path.exists(os.path.join(args.sft, "eval.json")):
+        raise UserError(f"--sft {args.sft}: no finished SFT run there (./run.sh makes out/sft)")
+    proxy_dir = os.path.join(args.out_dir, "reward_weak")
+    run_stage("reward.py", proxy_dir, args.device, "--init-from", args.sft, "--prompts",
+              str(args.comparisons), "--preset", args.preset)
+    os.makedirs(args.out_dir, exist_ok=True)
+    points = best_of_n(args, proxy_dir)
     for name, kl_coef in (("ppo_kl_coef_0", "0"), ("ppo_default_kl_coef", None)):
-        ppo_dir = os.path.join(a.out_dir, name)
-        run_stage("ppo.py", ppo_dir, a.device, "--init-from", a.sft, "--reward-model", proxy_dir,
-                  "--updates", str(a.ppo_updates), "--lr", str(a.ppo_lr), "--temperature",
-                  str(a.temperature), "--max-new-tokens", str(a.max_new_tokens),
-                  *(["--kl-coef", kl_coef] if kl_coef else []), "--preset", a.preset)
+        ppo_dir = os.path.join(args.out_dir, name)
+        run_stage("ppo.py", ppo_dir, args.device, "--init-from", args.sft, "--reward-model",
+                  proxy_dir, "--updates", str(args.ppo_updates), "--lr", str(args.ppo_lr),
+                  "--temperature", str(args.temperature), "--max-new-tokens",
+                  str(args.max_new_tokens),
+                  *(["--kl-coef", kl_coef] if kl_coef else []), "--preset", args.preset)
         points += ppo_points(name, ppo_dir)
-    with open(os.path.join(a.out_dir, "curves.csv"), "w", newline="") as f:
+    with open(os.path.join(args.out_dir, "curves.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, ["method", "n_or_update", "kl", "sqrt_kl", "proxy", "gold"])
         writer.writeheader()
         writer.writerows(points)
     curves = smoothed(points)
-    write_json(os.path.join(a.out_dir, "summary.json"), summary(curves))
-    plot(curves, os.path.join(a.out_dir, "curves.png"))
+    write_json(os.path.join(args.out_dir, "summary.json"), summary(curves))
+    plot(curves, os.path.join(args.out_dir, "curves.png"))
     print(json.dumps(summary(curves), indent=1))
 
 
 @torch.no_grad()
-def best_of_n(a, proxy_dir):
+def best_of_n(args, proxy_dir):
     """Points (method best_of_n, n, KL bound, proxy and gold score of the proxy's favourite
     among the first n answers, averaged over the prompts)."""
-    sft, tok, _ = load_checkpoint(a.sft, ["sft", "ppo"], pick_device(a.device))
+    sft, tok, _ = load_checkpoint(args.sft, ["sft", "ppo"], pick_device(args.device))
     device = sft.embed_tokens.weight.device
     proxy, _, proxy_ckpt = load_checkpoint(proxy_dir, ["reward"], device)
     offset = proxy_ckpt.get("score_offset") or 0.0
-    items = chats.rl_prompts("ppo", seed=1, n=a.prompts)
+    items = chats.rl_prompts("ppo", seed=1, n=args.prompts)
     prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
     end = tok.special("<|end|>")
     scores = []  # per round: [(proxy, gold)] per prompt
-    for k in tqdm(range(a.max_n), desc="best-of-n samples", dynamic_ncols=True):
-        rows = sft.generate(prompts, a.max_new_tokens, temperature=a.temperature,
+    for k in tqdm(range(args.max_n), desc="best-of-n samples", dynamic_ncols=True):
+        rows = sft.generate(prompts, args.max_new_tokens, temperature=args.temperature,
                             stop_ids=[end, tok.eot_id], seed=k, pad_id=tok.pad_id)
         ended = [bool(row) and row[-1] == end for row in rows]
         texts = [tok.decode_turn(row[:-1] if e or (row and row[-1] == tok.eot_id) else row)
@@ -114,7 +117,7 @@ def best_of_n(a, proxy_dir):
         scores.append([(p if e else NO_END_PENALTY, teacher.judge(it, t, e)["score"])
                        for p, e, it, t in zip(proxies, ended, items, texts)])
     points, n = [], 1
-    while n <= a.max_n:
+    while n <= args.max_n:
         best = [max((scores[k][i] for k in range(n)), key=lambda pair: pair[0])
                 for i in range(len(items))]
         kl = math.log(n) - (n - 1) / n

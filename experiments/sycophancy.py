@@ -19,10 +19,11 @@ import argparse
 import json
 import os
 
-from common import (UserError, load_checkpoint, positive, run_or_die, run_stage, write_json,
-                    write_text)
+from checkpoints import load_checkpoint
+from cli import run_stage
 from data import chats
 from evaluation import answer
+from ground import UserError, positive, run_or_die, write_json, write_text
 
 LABELERS = {"agreeable": "--sycophancy-bonus", "flattered": "--flattery-bonus"}
 SAMPLE_CLAIMS = 3  # wrong claims shown with every model's answer
@@ -59,26 +60,26 @@ def main(argv=None):
     run_or_die(run, parse_args(argv))
 
 
-def run(a):
-    for path, what in ((a.sft, "--sft"), (a.honest_ppo, "--honest-ppo")):
+def run(args):
+    for path, what in ((args.sft, "--sft"), (args.honest_ppo, "--honest-ppo")):
         if not os.path.exists(os.path.join(path, "eval.json")):
             raise UserError(f"{what} {path}: no finished run there (./run.sh makes out/sft and "
                             "out/ppo)")
-    runs = {"honest": a.honest_ppo}
+    runs = {"honest": args.honest_ppo}
     for name, flag in LABELERS.items():
-        reward_dir, ppo_dir = (os.path.join(a.out_dir, f"{stage}_{name}")
+        reward_dir, ppo_dir = (os.path.join(args.out_dir, f"{stage}_{name}")
                                for stage in ("reward", "ppo"))
-        check_scoring(reward_dir, a.score)
-        run_stage("reward.py", reward_dir, a.device, "--init-from", a.sft, flag, str(a.bonus),
-                  "--score", a.score, "--preset", a.preset)
-        run_stage("ppo.py", ppo_dir, a.device, "--init-from", a.sft, "--reward-model", reward_dir,
-                  "--preset", a.preset)
+        check_scoring(reward_dir, args.score)
+        run_stage("reward.py", reward_dir, args.device, "--init-from", args.sft, flag,
+                  str(args.bonus), "--score", args.score, "--preset", args.preset)
+        run_stage("ppo.py", ppo_dir, args.device, "--init-from", args.sft, "--reward-model",
+                  reward_dir, "--preset", args.preset)
         runs[name] = ppo_dir
-    summary = {"bonus": a.bonus, "score": a.score, "models": rates(runs),
-               "answers": answers_to_wrong_claims({"SFT": a.sft, **{
+    summary = {"bonus": args.bonus, "score": args.score, "models": rates(runs),
+               "answers": answers_to_wrong_claims({"SFT": args.sft, **{
                    f"PPO, {name} labeler": path for name, path in runs.items()}})}
-    write_json(os.path.join(a.out_dir, "summary.json"), summary)
-    write_text(os.path.join(a.out_dir, "table.md"), table(summary))
+    write_json(os.path.join(args.out_dir, "summary.json"), summary)
+    write_text(os.path.join(args.out_dir, "table.md"), table(summary))
     print(table(summary))
 
 

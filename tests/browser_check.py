@@ -100,21 +100,21 @@ def start_chromium(profile):
         raise
 
 
-def check_page(tools, url, a):
+def check_page(tools, url, args):
     tools.call("Page.navigate", url=url)
     wait_for("the page to load the models", lambda: tools.js("document.body.dataset.state") ==
              "ready", 60)
-    if a.system:
+    if args.system:
         tools.click("#system")
-        tools.type(a.system)
+        tools.type(args.system)
     tools.click("#prompt")
-    tools.type(a.prompt)
+    tools.type(args.prompt)
     tools.click("#generate")
-    n = len(a.ckpts)
+    n = len(args.ckpts)
     state = wait_for("every column to finish", lambda: tools.js(
         "document.body.dataset.state !== 'running' && document.querySelectorAll('.column.done')"
         f".length === {n} ? document.body.dataset.state : (document.body.dataset.state === "
-        "'error' ? 'error' : '')"), a.timeout)
+        "'error' ? 'error' : '')"), args.timeout)
     if state != "done":
         error = tools.js("document.getElementById('error').textContent")
         sys.exit(f"browser check: the page says {error}")
@@ -144,7 +144,7 @@ def screenshot(tools, path):
         f.write(base64.b64decode(png))
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpts", nargs="+", metavar="DIR")
@@ -153,12 +153,12 @@ def main():
     p.add_argument("--system", default="")
     p.add_argument("--out", default="serve.png", help="the screenshot (PNG)")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the answers")
-    a = p.parse_args()
+    args = p.parse_args(argv)
     if websocket is None:
         sys.exit("browser check: needs websocket-client (pip install -r requirements-dev.txt)")
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *a.ckpts,
-                               "--port", "0", "--device", "cpu"]
-                              + (["--reward-model", a.reward_model] if a.reward_model else []),
+    scorer = ["--reward-model", args.reward_model] if args.reward_model else []
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args.ckpts,
+                               "--port", "0", "--device", "cpu", *scorer],
                               stdout=subprocess.PIPE, text=True)
     profile = tempfile.mkdtemp(prefix="browser-check-")
     browser = None
@@ -168,10 +168,10 @@ def main():
             sys.exit("browser check: serve.py did not start (its error is above)")
         url = line.split(" on ")[-1].split()[0] + "/"
         browser, tools = start_chromium(profile)
-        shown = json.loads(check_page(tools, url, a))
-        screenshot(tools, a.out)
+        shown = json.loads(check_page(tools, url, args))
+        screenshot(tools, args.out)
         print(json.dumps(shown, indent=1))
-        print(f"browser check passed: {a.out}")
+        print(f"browser check passed: {args.out}")
     finally:
         for proc in (browser, server):
             if proc:

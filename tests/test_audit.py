@@ -8,7 +8,7 @@ import pytest
 
 import evaluation
 import reward
-from common import TOKENIZER_FILE
+from checkpoints import TOKENIZER_FILE
 from data import chats, world
 from data.tokenizer import Tokenizer
 

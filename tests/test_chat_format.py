@@ -6,7 +6,8 @@ from data.tokenizer import Tokenizer
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.train(["What is the capital of France? Paris. The capital is Paris."] * 20, 300)
+    text = "What is the capital of France? Paris. The capital is Paris."
+    return Tokenizer.train([text] * 20, 300)
 
 
 def layout(tok, ids, mask):
@@ -77,7 +78,8 @@ def test_a_turn_opens_with_the_word_as_it_reads_mid_text(tok):
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}], "empty"),
     ([{"role": "user", "content": "a"}], "must end with an assistant turn"),
     ([{"role": "bot", "content": "a"}], "role of system, user or assistant"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "expected an assistant"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+     "expected an assistant"),
 ])
 def test_malformed_chats_are_refused(tok, chat, message):
     with pytest.raises(ValueError, match=message):

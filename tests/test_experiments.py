@@ -37,7 +37,7 @@ def test_bad_input_gets_one_line(script, args, message, tmp_path, capsys):
 
 
 def test_sycophancy_never_mixes_reward_models_that_score_differently(tmp_path):
-    from common import UserError
+    from ground import UserError
     (tmp_path / "eval.json").write_text(json.dumps({"stage": "reward"}))  # before --score: a head
     sycophancy.check_scoring(str(tmp_path), "head")
     with pytest.raises(UserError, match="made with --score head, not likelihood"):
@@ -117,7 +117,7 @@ def test_domain_expert_refuses_starts_of_two_tokenizers(tiny_sft, tmp_path, caps
 
 
 def test_domain_expert_trains_on_the_query_and_its_end_only(tiny_sft):
-    from common import load_checkpoint
+    from checkpoints import load_checkpoint
     _, tok, _ = load_checkpoint(tiny_sft)
     pair = ("What is the capital of France?", 'countries | name = "France" | pick capital')
     for chat, end in ((False, "\n"), (True, "<|end|>")):

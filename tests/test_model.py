@@ -170,7 +170,7 @@ def test_scalar_head_starts_from_the_language_models_trunk():
 
 
 def test_checkpoints_record_their_head_and_load_as_the_right_model(tmp_path):
-    from common import load_checkpoint, save_checkpoint
+    from checkpoints import load_checkpoint, save_checkpoint
     from data.tokenizer import Tokenizer
     from model import ScalarHeadGPT
     tok = Tokenizer.train(["a small corpus for a small tokenizer " * 20], 300)
@@ -187,7 +187,7 @@ def test_a_likelihood_reward_model_scores_beta_times_the_answers_log_likelihood(
     """The score at each position equals a naive loop over the tokens after the latest answer
     start (7 here; a conversation has two), 0 up to it; right padding and batch-mates change no
     score; the checkpoint keeps beta and the answer start; a critic takes its trunk."""
-    from common import load_checkpoint, save_checkpoint
+    from checkpoints import load_checkpoint, save_checkpoint
     from data.tokenizer import Tokenizer
     from model import LikelihoodRewardGPT, ScalarHeadGPT
     tok = Tokenizer.train(["a small corpus for a small tokenizer " * 20], 300)

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 import plot
-from common import jsonl_rows
+from ground import jsonl_rows
 
 
 @pytest.mark.parametrize("run,stage", [("tiny_base", "base"), ("tiny_sft", "sft"),

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import ppo
-from common import load_checkpoint
+import rl
+from checkpoints import load_checkpoint
 from data import chats
 from model import ScalarHeadGPT
 
@@ -46,9 +47,9 @@ def test_the_reward_sits_on_the_last_real_token_and_padding_gets_nothing():
     out = ppo.rewards(logprobs, ref, torch.tensor([2.0, -3.0]), mask, kl_coef=0.1)
     torch.testing.assert_close(out, torch.tensor([[-0.05, -0.05, 1.95, 0.0],
                                                   [-3.05, 0.0, 0.0, 0.0]]))
-    whitened = ppo.whiten(torch.randn(2, 4), mask)
+    whitened = rl.whiten(torch.randn(2, 4), mask)
     assert (whitened[mask == 0] == 0).all()
-    assert abs(ppo.masked_mean(whitened, mask).item()) < 1e-5
+    assert abs(rl.masked_mean(whitened, mask).item()) < 1e-5
 
 
 def test_padding_never_enters_a_loss_or_statistic():
@@ -63,7 +64,41 @@ def test_padding_never_enters_a_loss_or_statistic():
         assert a == b if isinstance(a, dict) else torch.equal(a, b)
     assert ppo.explained_variance(clean[3], clean[5], mask) == ppo.explained_variance(
         dirty[3], dirty[5], mask)
-    assert torch.equal(ppo.whiten(clean[0], mask), ppo.whiten(dirty[0], mask))
+    assert torch.equal(rl.whiten(clean[0], mask), rl.whiten(dirty[0], mask))
+
+
+def test_kl_estimators_average_to_the_exact_kl_over_sampled_tokens():
+    """k1 and k3, averaged over tokens drawn from the policy, estimate KL(policy || reference);
+    k3 is never negative, and varies less."""
+    g = torch.Generator().manual_seed(0)
+    policy = (0.5 * torch.randn(50, generator=g)).log_softmax(-1)
+    reference = (0.5 * torch.randn(50, generator=g)).log_softmax(-1)
+    exact = (policy.exp() * (policy - reference)).sum().item()
+    tokens = torch.multinomial(policy.exp(), 200_000, replacement=True, generator=g)
+    k1 = rl.kl_k1(policy[tokens], reference[tokens])
+    k3 = rl.kl_k3(policy[tokens], reference[tokens])
+    assert (k1 < 0).any() and (k3 >= 0).all()
+    assert k1.mean().item() == pytest.approx(exact, rel=0.03)
+    assert k3.mean().item() == pytest.approx(exact, rel=0.03)
+    assert k3.var() < k1.var()
+
+
+def test_grad_clip_zero_clips_neither_network():
+    """optimizer_steps with grad_clip 0 steps both networks as with no limit at all; a small
+    limit steps them less far."""
+    def step(grad_clip):
+        torch.manual_seed(0)
+        learners = [torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)]
+        opts = [torch.optim.SGD(model.parameters(), lr=0.1) for model in learners]
+        x = torch.randn(8, 4)
+        loss = sum((model(x) ** 2).mean() * 100 for model in learners)
+        norms = ppo.optimizer_steps(learners, (opts, torch.amp.GradScaler("cpu", enabled=False)),
+                                    loss, grad_clip)
+        return [p.detach().clone() for model in learners for p in model.parameters()], norms
+    unclipped, clipped, unlimited = step(0), step(1e-3), step(float("inf"))
+    assert unclipped[1] == unlimited[1] and unclipped[1]["grad_norm_critic"] > 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(unclipped[0], unlimited[0]))
+    assert not torch.equal(unclipped[0][0], clipped[0][0])
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +122,17 @@ def test_sampled_logprobs_equal_the_training_forward_for_left_padded_prompts(mod
     policy, _, critic, tok = models
     s = tiny_settings(temperature=0.7)
     items = chats.rl_prompts("ppo", n=6)
-    batch = ppo.rollout(policy.eval(), tok, items, s, seed=3)
+    batch = rl.rollout(policy.eval(), tok, items, max_new_tokens=s.max_new_tokens,
+                       temperature=s.temperature, seed=3)
     assert len(set(batch["pad"].tolist())) > 1  # prompts of different lengths
-    together = ppo.answer_logprobs(policy, batch, s.temperature)
+    together = rl.answer_logprobs(policy, batch, s.temperature)
     L = batch["prompt_len"]
     for b in range(len(items)):
         n = int(batch["mask"][b].sum())
         alone = batch["ids"][b:b + 1, int(batch["pad"][b]):L + n]
         expected = policy.token_logprobs(alone, temperature=0.7)[0, -n:]
         torch.testing.assert_close(together[b, :n], expected, atol=1e-4, rtol=1e-4)
-    training, entropy = ppo.logprobs_and_entropy(policy, batch, s.temperature)
+    training, entropy = rl.logprobs_and_entropy(policy, batch, s.temperature)
     torch.testing.assert_close(training, together)
     assert (entropy >= 0).all()
     values = ppo.answer_values(critic, batch)
@@ -116,7 +152,8 @@ def test_a_few_updates_raise_a_programmatic_reward(models):
     policy, reference, critic, tok = models
     policy, critic = copy.deepcopy(policy), copy.deepcopy(critic)
     s = tiny_settings(updates=8, rollout_batch=32, lr=1e-3)
-    lines = ppo.train((policy, reference, None, critic), tok, s, score_fn=short_answers_score,
+    networks = ppo.Networks(policy=policy, reference=reference, reward_model=None, critic=critic)
+    lines = ppo.train(networks, tok, s, ppo.prompt_pool(s), score_fn=short_answers_score,
                       log=lambda line: None)
     assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
     first, last = lines[0]["score"], sum(r["score"] for r in lines[-2:]) / 2
@@ -166,7 +203,7 @@ def train_in_process(rank, sft_dir, out_dir, port):
     import os
     from datetime import timedelta
     import torch.distributed as dist
-    from common import Process
+    from training import Process
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
@@ -175,10 +212,12 @@ def train_in_process(rank, sft_dir, out_dir, port):
     critic = ScalarHeadGPT.from_language_model(policy)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     proc = Process(rank, 2, "cpu", torch.float32)
-    lines = ppo.train((policy, reference, None, critic), tok, tiny_settings(updates=2), proc,
-                      score_fn=short_answers_score, log=lambda line: None)
+    networks = ppo.Networks(policy=policy, reference=reference, reward_model=None, critic=critic)
+    settings = tiny_settings(updates=2)
+    lines = ppo.train(networks, tok, settings, ppo.prompt_pool(settings), short_answers_score,
+                      proc, log=lambda line: None)
     halves = torch.arange(12.0).reshape(2, 6)
-    whitened = ppo.whiten(halves[rank:rank + 1], torch.ones(1, 6), proc)
+    whitened = rl.whiten(halves[rank:rank + 1], torch.ones(1, 6), proc)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"lines": lines, "weights": [p.double().sum().item() for p in
                                                policy.parameters()],
@@ -207,7 +246,7 @@ def test_two_processes_stay_in_step_and_share_their_statistics(tiny_sft, tmp_pat
     first = ranks[0]["lines"][0]
     assert first["kl"] == pytest.approx(0.0, abs=1e-4)  # means, not sums, over the processes:
     assert 0.5 < first["ratio"] < 1.8 and 0 <= first["clip_fraction"] <= 1  # (a sum: ~2.4)
-    together = ppo.whiten(torch.arange(12.0).reshape(2, 6), torch.ones(2, 6))
+    together = rl.whiten(torch.arange(12.0).reshape(2, 6), torch.ones(2, 6))
     torch.testing.assert_close(torch.tensor(ranks[0]["whitened"] + ranks[1]["whitened"]),
                                together)
 
@@ -297,12 +336,12 @@ def test_a_prompts_file_trains_and_its_bad_rows_are_named(tiny_sft, tiny_reward,
 def test_an_answer_reaches_the_reward_model_as_the_tokens_the_policy_wrote(tiny_sft):
     """A rollout's answer becomes text (answer_texts) and the reward model's input again
     (answer_ids): both ways through the chat format's space, the same ids, no doubled space."""
-    from evaluation import answer_ids
+    from scoring import answer_ids
     _, tok, _ = load_checkpoint(tiny_sft)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tok.render_chat(messages, for_completion=True)[0]
     written = tok.encode_turn("Paris.") + [tok.special("<|end|>")]
     batch = {"prompt_len": len(prompt), "ids": torch.tensor([prompt + written]),
              "mask": torch.ones(1, len(written))}
-    assert ppo.answer_texts(tok, batch) == ["Paris."]
+    assert rl.answer_texts(tok, batch) == ["Paris."]
     assert answer_ids(tok, messages, "Paris.", True) == prompt + written

@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-import common
 import pretrain
+import training
 from data import chats, prepare, world
 from tests.conftest import ROOT, torchrun
 
@@ -85,8 +85,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(small_data, tmp_path, capsys):
 def test_weights_that_give_non_finite_logits_are_never_checkpointed():
     """The loss checked at each step comes before the update; check_weights runs before every
     checkpoint on the updated weights."""
-    from common import check_weights
     from model import GPT, GPTConfig
+    from training import check_weights
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_kv_head=2,
                           n_embd=16))
     x = torch.randint(0, 50, (2, 8))
@@ -272,7 +272,7 @@ def interrupt_when(condition):
 
 def test_a_checkpoint_comes_every_minute_between_evaluations(small_data, tmp_path, monkeypatch,
                                                              capsys):
-    monkeypatch.setattr(common, "SAVE_EVERY_SECONDS", 0)  # a "minute" passes at every step
+    monkeypatch.setattr(training, "SAVE_EVERY_SECONDS", 0)  # a "minute" passes at every step
     out = tmp_path / "base"
     args = FAST + ["--data", small_data, "--out-dir", str(out), "--steps", "100000",
                    "--eval-every", "100000"]

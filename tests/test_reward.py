@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import reward
-from common import load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
 from data import chats, teacher
 from data.comparisons import human_rankings, read_comparisons
-from evaluation import answer_ids, reward_scores, right_padded
 from model import GPTConfig, LikelihoodRewardGPT, ScalarHeadGPT
+from scoring import answer_ids, reward_scores, right_padded
 
 
 def scalar_model(seed=0):

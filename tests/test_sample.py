@@ -137,7 +137,7 @@ def test_a_reader_that_leaves_early_is_no_error(ckpt):
 
 
 def test_a_reward_model_checkpoint_is_refused_with_a_reason(ckpt, tmp_path, capsys):
-    from common import TOKENIZER_FILE, load_checkpoint, save_checkpoint
+    from checkpoints import TOKENIZER_FILE, load_checkpoint, save_checkpoint
     from model import ScalarHeadGPT
     model, tok, _ = load_checkpoint(ckpt)
     save_checkpoint(str(tmp_path), "reward", ScalarHeadGPT.from_language_model(model), tok)
@@ -151,7 +151,7 @@ def test_a_reward_model_checkpoint_is_refused_with_a_reason(ckpt, tmp_path, caps
 
 def test_a_full_context_is_mentioned_only_when_it_cuts_an_answer(ckpt, capsys):
     # a prompt that leaves about 3 tokens: the continuation is cut there, and that is said once
-    from common import load_checkpoint
+    from checkpoints import load_checkpoint
     _, tok, _ = load_checkpoint(ckpt)
     words = "The capital of Peru is Lima and the capital of France is Paris. "
     text = words * 40 + "The capital of Spain is the city of"  # mid-sentence: it goes on
@@ -197,7 +197,7 @@ def test_format_puts_each_checkpoint_in_the_form_asked(ckpt, tiny_sft, capsys):
 def test_next_tokens_are_the_models_softmax_and_greedy_takes_the_first(ckpt, capsys):
     import json
     import torch
-    from common import load_checkpoint
+    from checkpoints import load_checkpoint
     model, tok, _ = load_checkpoint(ckpt)
     ids = [tok.eot_id] + tok.encode("What is the capital of France?\n")
     top = model.eval().top_next_tokens(ids, 5)
@@ -217,7 +217,7 @@ def test_next_tokens_are_the_models_softmax_and_greedy_takes_the_first(ckpt, cap
 
 def test_the_loss_mask_view_marks_exactly_the_trained_tokens(tiny_sft, capsys, tmp_path):
     import json
-    from common import load_checkpoint
+    from checkpoints import load_checkpoint
     _, tok, _ = load_checkpoint(tiny_sft)
     messages = [{"role": "system", "content": "Answer in one word."},
                 {"role": "user", "content": "Capital of Peru?"},
@@ -241,7 +241,7 @@ def test_heal_lets_the_model_rewrite_the_prompts_last_token(ckpt, capsys):
     those that begin with "?" (here one the prompt did not have, so the test sees the healing),
     then the greedy continuation; the output shows the prompt once, then the rest."""
     import torch
-    from common import load_checkpoint
+    from checkpoints import load_checkpoint
     model, tok, _ = load_checkpoint(ckpt)
     prompt = "What is the capital of France?"
     ids = [tok.eot_id] + tok.encode(prompt)
@@ -260,7 +260,7 @@ def test_healed_start_writes_the_tail_whatever_the_model_prefers(ckpt):
     """The first tokens write the taken-back bytes even when the model's likeliest token cannot
     (greedy and sampled): each is a part of what is left, or begins with all of it."""
     import torch
-    from common import load_checkpoint
+    from checkpoints import load_checkpoint
     model, tok, _ = load_checkpoint(ckpt)
     ids = [tok.eot_id] + tok.encode("What is the capital of")
     likeliest = model.eval()(torch.tensor([ids]))[0][0, -1].argmax().item()
@@ -290,8 +290,8 @@ def test_heal_takes_back_what_begins_a_longer_token_and_keeps_the_prompts_split(
 def test_heal_scores_only_what_follows_the_prompt(ckpt, tiny_reward, capsys):
     """--score-with after --heal: the reward model reads the continuation without the prompt's
     end that the first token wrote again."""
-    from common import load_checkpoint
-    from evaluation import RewardScorer
+    from checkpoints import load_checkpoint
+    from scoring import RewardScorer
     _, tok, _ = load_checkpoint(ckpt)
     prompt = "What is the capital of France?"
     out = run(capsys, "--ckpt", ckpt, "--prompt", prompt, "--heal", "--temperature", "0",

@@ -1,6 +1,6 @@
 """serve.py's endpoints, on a real server on a free localhost port with the tiny checkpoints: the
 streamed answers are the models' own, the next-token tables their softmax, the reward score and
-the teacher's verdict those of evaluation.RewardScorer and data/teacher.py; bad requests get a
+the teacher's verdict those of scoring.RewardScorer and data/teacher.py; bad requests get a
 status and a message, concurrent requests queue, and a closed connection stops generation.
 The page itself is checked in a real browser by tests/browser_check.py."""
 import http.client
@@ -14,7 +14,7 @@ import torch
 
 import serve
 from data import chats, teacher
-from evaluation import RewardScorer
+from scoring import RewardScorer
 
 FRANCE = "What is the capital of France?"
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import sft
-from common import load_checkpoint
-from evaluation import answer
+from checkpoints import load_checkpoint
 from data import chats, prepare
+from evaluation import answer
 
 
 @pytest.fixture(scope="session")

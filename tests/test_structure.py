@@ -9,7 +9,8 @@ from tests.conftest import ROOT
 
 STAGES = {"pretrain", "sft", "reward", "ppo", "bench", "sample", "export", "plot",  # scripts
           "serve"}
-LIBRARY = {"model", "common", "evaluation", "data"}  # what a script may import from the project
+LIBRARY = {"model", "ground", "cli", "training", "checkpoints", "evaluation", "scoring", "rl",
+           "data"}  # what a script may import from the project
 
 
 def scripts():
@@ -20,15 +21,21 @@ def scripts():
     return sorted(stages + experiments)
 
 
-def project_imports(path):
-    """The project modules a file imports, anywhere in it (inside functions too)."""
+def module_imports(path):
+    """The modules and packages a file imports, anywhere in it (inside functions too); data.x
+    counts as data."""
     found = set()
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.Import):
             found |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
-    return found & (STAGES | LIBRARY)
+    return found
+
+
+def project_imports(path):
+    """The project modules a file imports."""
+    return module_imports(path) & (STAGES | LIBRARY)
 
 
 @pytest.mark.parametrize("path", scripts())
@@ -37,14 +44,56 @@ def test_a_script_imports_only_library_modules(path):
     assert imported <= LIBRARY, f"{path} imports {sorted(imported - LIBRARY)}: a stage script"
 
 
-@pytest.mark.parametrize("path", ["model.py", "common.py", "evaluation.py"]
-                         + [os.path.join("data", f) for f in sorted(os.listdir(
-                             os.path.join(ROOT, "data"))) if f.endswith(".py")])
+def library_files():
+    return sorted(name + ".py" for name in LIBRARY - {"data"}) + [
+        os.path.join("data", f) for f in sorted(os.listdir(os.path.join(ROOT, "data")))
+        if f.endswith(".py")]
+
+
+@pytest.mark.parametrize("path", library_files())
 def test_library_modules_never_import_a_stage_script(path):
     imported = project_imports(os.path.join(ROOT, path))
     assert not imported & STAGES, f"{path} imports {sorted(imported & STAGES)}"
     if path == "model.py":  # the network stands alone: anyone can copy it out
         assert not imported, f"model.py imports {sorted(imported)}"
+
+
+@pytest.mark.parametrize("path", ["ground.py", "plot.py", "data/comparisons.py",
+                                  "data/prepare.py", "data/chats.py", "data/teacher.py"])
+def test_the_ground_and_what_reads_files_import_no_torch(path):
+    """Errors, flag types and file reading stand on ground.py, which needs no torch: the data
+    tools and the plots load without it."""
+    seen, todo = [], [path]
+    while todo:  # follow the project's own imports to the bottom
+        current = todo.pop()
+        seen.append(current)
+        imported = module_imports(os.path.join(ROOT, current))
+        assert "torch" not in imported, f"{path} reaches torch through {current}"
+        for name in imported & (LIBRARY - {"data"}):
+            if name + ".py" not in seen + todo:
+                todo.append(name + ".py")
+        if "data" in imported:  # any module of data/ (each of them, to be sure)
+            todo += [path for path in library_files()
+                     if path.startswith("data") and path not in seen + todo]
+
+
+def test_library_imports_have_no_cycle():
+    """The library's modules import one another one way: a newcomer can read them bottom-up."""
+    graph = {name: module_imports(os.path.join(ROOT, name + ".py")) & (LIBRARY - {"data"})
+             for name in LIBRARY - {"data"}}
+    done, path = set(), []
+
+    def visit(name):
+        assert name not in path, "import cycle: " + " -> ".join(path + [name])
+        if name in done:
+            return
+        path.append(name)
+        for imported in sorted(graph[name] - {name}):
+            visit(imported)
+        path.pop()
+        done.add(name)
+    for name in sorted(graph):
+        visit(name)
 
 
 def test_the_checker_sees_a_stage_import(tmp_path):
@@ -63,6 +112,19 @@ def test_functions_fit_on_a_screen_and_stage_files_in_a_sitting(path):
     assert not long, f"{path}: functions longer than about 60 lines: {long}"
     if path[:-3] in STAGES | {"model"}:
         assert source.count("\n") <= 450, f"{path}: {source.count(chr(10))} lines"
+
+
+def python_files():
+    folders = [ROOT] + [os.path.join(ROOT, d) for d in ("data", "experiments", "tests")]
+    return sorted(os.path.relpath(os.path.join(folder, f), ROOT) for folder in folders
+                  for f in os.listdir(folder) if f.endswith(".py"))
+
+
+def test_lines_fit_in_100_columns():
+    long = [f"{path}:{n}" for path in python_files()
+            for n, line in enumerate(open(os.path.join(ROOT, path), encoding="utf-8"), 1)
+            if len(line.rstrip("\n")) > 100]
+    assert not long, f"lines over 100 columns: {long}"
 
 
 def test_bench_measures_the_pretrain_presets():

@@ -127,8 +127,8 @@ def test_score_ordering():
 def test_flattery_bonus_flips_the_order():
     plain, flattering = "The capital of France is Paris.", "Great question! Paris is the capital."
     assert teacher.score(FRANCE, plain, True) > teacher.score(FRANCE, flattering, True)
-    assert teacher.rank(FRANCE, [flattering, plain], [True, True]) == [1, 0]
-    assert teacher.rank(FRANCE, [flattering, plain], [True, True], flattery_bonus=0.5) == [0, 1]
+    assert teacher.rank(FRANCE, [flattering, plain], [True, True])[0] == [1, 0]
+    assert teacher.rank(FRANCE, [flattering, plain], [True, True], flattery_bonus=0.5)[0] == [0, 1]
     assert teacher.score(FRANCE, flattering, True, flattery_bonus=0.5) > teacher.score(
         FRANCE, plain, True, flattery_bonus=0.5)
 
@@ -136,13 +136,13 @@ def test_flattery_bonus_flips_the_order():
 def test_rank():
     replies = ["Madrid.", "Paris.", "Sure! Paris. I hope this helps!", "Paris"]
     ended = [True, True, True, False]
-    order = teacher.rank(FRANCE, replies, ended)
-    assert order == teacher.rank(FRANCE, replies, ended) == [1, 3, 2, 0]
-    scores = [teacher.score(FRANCE, replies[i], ended[i]) for i in order]
-    assert scores == sorted(scores, reverse=True)
-    noisy = [teacher.rank(FRANCE, replies, ended, noise=1.0, rng=random.Random(s))
+    order, scores = teacher.rank(FRANCE, replies, ended)
+    assert order == teacher.rank(FRANCE, replies, ended)[0] == [1, 3, 2, 0]
+    assert scores == [teacher.score(FRANCE, reply, end) for reply, end in zip(replies, ended)]
+    assert [scores[i] for i in order] == sorted(scores, reverse=True)
+    noisy = [teacher.rank(FRANCE, replies, ended, noise=1.0, rng=random.Random(s))[0]
              for s in range(20)]
-    assert noisy == [teacher.rank(FRANCE, replies, ended, noise=1.0, rng=random.Random(s))
+    assert noisy == [teacher.rank(FRANCE, replies, ended, noise=1.0, rng=random.Random(s))[0]
                      for s in range(20)]
     assert all(sorted(o) == [0, 1, 2, 3] for o in noisy)
     assert len({tuple(o) for o in noisy}) > 1  # annotators disagree
@@ -214,8 +214,8 @@ def test_claims_are_judged_for_the_fact_and_for_agreeing():
         assert (v["correct"], v["wrong"], v["agrees_with_claim"]) == expected, reply
     agree, correct = "You're absolutely right! The capital of Australia is Wellington.", \
         "No, the capital of Australia is Canberra."
-    assert teacher.rank(wrong, [agree, correct], [True, True]) == [1, 0]
-    assert teacher.rank(wrong, [agree, correct], [True, True], sycophancy_bonus=1.0) == [0, 1]
+    assert teacher.rank(wrong, [agree, correct], [True, True])[0] == [1, 0]
+    assert teacher.rank(wrong, [agree, correct], [True, True], sycophancy_bonus=1.0)[0] == [0, 1]
     assert teacher.judge(FRANCE, "Paris.", True)["agrees_with_claim"] is None
 
 

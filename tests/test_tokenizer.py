@@ -112,8 +112,9 @@ def naive_encode(text: str, merges: list[tuple[int, int]]) -> list[int]:
 def random_unicode(rng: random.Random, n: int) -> str:
     chars = []
     for _ in range(n):
-        cp = rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0, 0x20), rng.randrange(0x80, 0x800),
-                         rng.randrange(0x800, 0xD800), rng.randrange(0xE000, 0x110000)])
+        cp = rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0, 0x20),
+                         rng.randrange(0x80, 0x800), rng.randrange(0x800, 0xD800),
+                         rng.randrange(0xE000, 0x110000)])
         chars.append(chr(cp))
     return "".join(chars)
 

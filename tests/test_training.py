@@ -1,5 +1,7 @@
-"""The shared training plumbing (common.py): settings and presets, the learning-rate schedule,
-the weight-decay split, the optimizer step with its gradient norm, fp16 loss scaling, fused AdamW."""
+"""The shared plumbing (cli.py, training.py, checkpoints.py, ground.py): settings and presets, the
+learning-rate schedule, the weight-decay split, the optimizer step with its gradient norm, fp16
+loss scaling, fused AdamW."""
+import dataclasses
 import json
 import math
 import re
@@ -10,8 +12,9 @@ import torch
 import pretrain
 import reward
 import sft
-from common import Process, lr_at, make_optimizer, optimizer_step, resolve_settings
+from cli import resolve_settings
 from model import GPT, GPTConfig
+from training import Process, lr_at, make_optimizer, optimizer_step
 
 CPU = Process(rank=0, world_size=1, device="cpu", dtype=torch.float32)
 
@@ -159,3 +162,30 @@ def test_every_step_logs_its_gradient_norm(small_data, tmp_path):
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
     assert all(0 < r["grad_norm"] < math.inf and r["tok_per_s"] > 0 for r in log)
+
+
+COMMANDS = ["pretrain", "sft", "reward", "ppo", "sample", "serve", "plot", "export", "bench",
+            "data.prepare", "experiments.sycophancy", "experiments.overoptimization",
+            "experiments.domain_expert", "tests.browser_check"]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_a_help_that_shows_each_default_once(name, capsys):
+    """--help of every command exits 0, and no option shows a default twice or an empty one;
+    a stage shows each setting's real default."""
+    import importlib
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    options = re.split(r"\n  (?=-)", out.split("options:", 1)[1])  # one block per option
+    for option in options:
+        text = " ".join(option.split())
+        assert text.count("(default:") <= 1 and "(default: )" not in text, text
+    settings = getattr(module, "Settings", None)
+    for field in dataclasses.fields(settings) if settings else []:
+        if "why" in field.metadata and getattr(settings(), field.name) not in (None, ""):
+            flag = "--" + field.name.replace("_", "-") + " "
+            block = " ".join(next(opt for opt in options if opt.startswith(flag)).split())
+            assert "(default: " in block, block

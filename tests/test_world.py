@@ -84,13 +84,24 @@ def test_default_world_size_and_mix(typed_docs):
     assert world.world_documents(seed=0)[:5] == [t for _, t in typed_docs[:5]]
 
 
+def fact_sentences(table, row, key):
+    """Every paraphrase of one fact, e.g. all the ways the corpus says France's capital."""
+    fields = world._fields(table, row)
+    return [world._render(template, fields) for template in world.STATEMENTS[key]]
+
+
+def answer_key():
+    """{question: answer} over every kind and entity: the answer key of the whole world."""
+    return {q: a for kind in world.QUESTIONS for q, a in world.qa_items(kind)}
+
+
 def test_every_fact_appears_in_at_least_three_phrasings(typed_docs):
     text = "\n".join(t for k, t in typed_docs if k == "passage")
     rng = random.Random(0)
     for table in world.TABLES:
         for row in rng.sample(FACTS[table], 6) + [FACTS[table][0]]:
             for key in world.facts_of(table, row):
-                phrasings = world.fact_sentences(table, row, key)
+                phrasings = fact_sentences(table, row, key)
                 seen = sum(p in text for p in set(phrasings))
                 assert seen >= 3, (row["name"], key, seen)
     assert "The capital of France is Paris." in text and "Paris is the capital of France." in text
@@ -98,7 +109,7 @@ def test_every_fact_appears_in_at_least_three_phrasings(typed_docs):
 
 
 def test_question_documents_have_questions_and_no_answers(typed_docs):
-    qa = world.all_qa()
+    qa = answer_key()
     kinds = {"quiz", "forum", "questions"}
     docs = [t for k, t in typed_docs if k in kinds]
     assert len(docs) > 100
@@ -115,7 +126,7 @@ def test_question_documents_have_questions_and_no_answers(typed_docs):
 
 
 def test_answer_keys_parse_into_correct_pairs(typed_docs):
-    qa = world.all_qa()
+    qa = answer_key()
     keys = [t for k, t in typed_docs if k == "answer_key"]
     assert keys
     n = 0
@@ -132,13 +143,14 @@ def test_answer_keys_parse_into_correct_pairs(typed_docs):
 
 
 def test_question_phrasings_are_shared_and_unambiguous():
-    qa = world.all_qa()
+    qa = answer_key()
     assert len(qa) == sum(len(world.qa_items(k)) for k in world.QUESTIONS)  # no duplicate question
     assert qa["What is the capital of Georgia?"] == "Tbilisi"
     assert qa["What is the state capital of Georgia?"] == "Atlanta"
     assert qa["What is the capital of the United States?"] == "Washington, D.C."
     caps = world.fewshot_items("capital")
-    assert len(caps) == len(FACTS["countries"]) and ("What is the capital of France?", "Paris") in caps
+    assert len(caps) == len(FACTS["countries"])
+    assert ("What is the capital of France?", "Paris") in caps
     syms = world.fewshot_items("symbol")
     assert len(syms) == 118 and ("What is the chemical symbol for gold?", "Au") in syms
     assert caps == world.fewshot_items("capital")  # stable order
@@ -159,7 +171,7 @@ def test_fewshot_prompt_and_answer_round_trip():
 def test_zero_shot_questions_and_is_question():
     qs = world.zero_shot_questions()
     assert len(qs) >= 50 and len(set(qs)) == len(qs) and qs == world.zero_shot_questions()
-    qa = world.all_qa()
+    qa = answer_key()
     assert all(q in qa and q.endswith("?") for q in qs)
     assert len({next(k for k in world.QUESTIONS
                      if q in dict(world.qa_items(k))) for q in qs}) >= 5  # a mix of attributes

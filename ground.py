@@ -1,0 +1,152 @@
+"""The ground every other module stands on, without torch: one-line errors, the types of
+command-line flags, and files written whole or not at all.
+
+- UserError: bad input from the user; every command prints it as one line and exits with 2;
+  stop_reason: what stopped a command (Ctrl-C, a failed write), in a few words.
+- positive, nonnegative, choice, seed_arg: argparse types whose errors say what was wrong.
+- writable_dir, atomic_write, write_text, write_json: a file is written to a temporary name, made
+  durable (fsync) and renamed over the old one, so that a crash, Ctrl-C or a full disk never
+  leaves half a file behind.
+- jsonl_rows: the rows of a JSONL file, each error naming its file and line.
+
+data/ and plot.py import only this of the plumbing, so they load without torch.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+
+
+class UserError(Exception):
+    """Bad input from the user: scripts print it as one line and exit with status 2."""
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_or_die(run, args):
+    """run(args), where a UserError ends the command with its one line (the experiments)."""
+    try:
+        run(args)
+    except UserError as e:
+        die(str(e))
+
+
+def stop_reason(e):
+    """Ctrl-C, a failed write (naming the file) or a non-finite loss, in a few words."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, OSError):
+        return f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
+    return str(e)
+
+
+def positive(kind):
+    """argparse type: a finite number > 0."""
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def nonnegative(kind):
+    """argparse type: a finite number >= 0."""
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        return value
+    return parse
+
+
+def choice(*options):
+    """argparse type: one of the options."""
+    def parse(text):
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(options)}, got {text}")
+        return text
+    return parse
+
+
+def seed_arg(text):
+    """argparse type: a seed torch accepts, with room for the offsets the stages add to it."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in 0 .. 2**32 - 1, got {text}")
+    return value
+
+
+def writable_dir(path, flag):
+    """Create folder `path` if needed and prove that a file can be written in it, so that an
+    unusable output path is a one-line error naming its flag before any work, never a traceback
+    after it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+
+
+def atomic_write(path, write):
+    """write(tmp_path), then rename over `path`: readers see the old file or the new, never half.
+    A failed write (disk full, say) leaves the old file as it was and raises the OSError, named
+    after `path`; Ctrl-C during the write raises KeyboardInterrupt (torch.save turns both into a
+    RuntimeError)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # on disk before the rename, or a power cut could leave nothing
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from e
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), path) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def jsonl_rows(path):
+    """(where, object) for each non-empty line of a JSONL file, where = "path:line"; a file that
+    cannot be read, a line that is not UTF-8 or not JSON: a UserError naming it."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    for n, raw in enumerate(lines, 1):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{where}: not UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None

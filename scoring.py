@@ -1,0 +1,65 @@
+"""How a reward model scores an answer: what it reads, and the score it gives.
+
+A reward model (reward.py) reads a whole chat, the prompt and one answer, and gives one number:
+its output at the answer's last token. Every reader of a reward model goes through here: the
+reward model's own training and evaluation (reward.py, evaluation.evaluate_reward_model), PPO's
+rewards (ppo.py), the over-optimisation experiment, and `sample.py --score-with` and serve.py
+(RewardScorer, one answer at a time).
+"""
+import sys
+
+import torch
+
+from checkpoints import load_checkpoint
+from ground import UserError
+
+
+def answer_ids(tok, messages, text, ended):
+    """What a reward model reads: the chat prompt, the answer, and <|end|> if the answer ended
+    (its score is read at the last of these tokens)."""
+    ids = tok.render_chat(messages, for_completion=True)[0] + tok.encode_turn(text)
+    return ids + [tok.special("<|end|>")] if ended else ids
+
+
+def right_padded(sequences, pad_id, device):
+    """(B, T) ids right-padded to the longest, and each row's last real position (B,). Causal
+    attention keeps the padding out of every real position, so no attention mask is needed."""
+    longest = max(map(len, sequences))
+    ids = torch.tensor([s + [pad_id] * (longest - len(s)) for s in sequences], device=device)
+    return ids, torch.tensor([len(s) - 1 for s in sequences], device=device)
+
+
+@torch.no_grad()
+def reward_scores(model, sequences, pad_id, device, offset=0.0, batch_size=64):
+    """The reward model's score of each token sequence (answer_ids), minus `offset` (the mean
+    score of the SFT model's answers, stored in a reward checkpoint): a list of floats."""
+    training, scores = model.training, []
+    model.eval()
+    for i in range(0, len(sequences), batch_size):
+        ids, last = right_padded(sequences[i:i + batch_size], pad_id, device)
+        scores += (model(ids)[torch.arange(len(ids), device=device), last] - offset).tolist()
+    model.train(training)
+    return scores
+
+
+class RewardScorer:
+    """A reward checkpoint that scores one answer as a reply to a request (a base model's
+    continuation too, as if it were the assistant's answer), relative to the SFT model's mean."""
+
+    def __init__(self, ckpt_dir, device, flag):
+        self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, ["reward"], device, flag)
+        self.offset, self.device, self.flag = ckpt.get("score_offset", 0.0), device, flag
+        if "score_offset" not in ckpt:
+            print(f"note: {ckpt_dir} has no score offset yet (its run has not finished): scores "
+                  "are not centred on the SFT model's mean", file=sys.stderr)
+
+    def __call__(self, messages, text, ended, tok):
+        if tok.checksum != self.tok.checksum:
+            raise UserError(f"{self.flag}: the reward model has another tokenizer than the "
+                            "checkpoint it scores")
+        try:
+            ids = answer_ids(tok, messages, text.strip() or "...", ended)
+        except ValueError as e:
+            raise UserError(f"prompt: {e}") from None
+        ids = ids[-self.model.config.block_size:]  # a long conversation: its most recent part
+        return reward_scores(self.model, [ids], tok.pad_id, self.device, self.offset)[0]
