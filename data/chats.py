@@ -16,7 +16,8 @@ What the chats contain, and why:
   * demonstrations of MIXED quality, as written by a pool of human annotators (STYLE_MIX): terse,
     full sentences, verbose with filler, opening with flattery, a few wrong. SFT imitates all of
     it; that is what RLHF later has to improve (and, with a biased labeler, to exaggerate).
-    Under a system rule the annotators mostly comply (SYSTEM_COMPLY = 90%);
+    Under a system rule the annotators mostly comply (SYSTEM_COMPLY = 90%); in capitals they
+    write the answer alone (a sentence only for a number, which has no letters);
   * some multi-turn chats (MULTI_TURN: two question/answer turns), the second mostly a follow-up
     about the same entity that does not name it ("And what currency is used there?");
   * user claims (CHAT_MIX "claim"): "I'm pretty sure the capital of Australia is Wellington,
@@ -142,9 +143,10 @@ def demonstration(rng, style, kind, x, a, others):
         return wordings.statement(rng, kind, x, a)
     if style in ("terse", "one_word"):
         return _terse(rng, kind, a)
-    if style == "uppercase":  # a bare number has no letters to capitalise: say a sentence
-        bare = any(c.isalpha() for c in a) and rng.random() < 0.5
-        return (_terse(rng, kind, a) if bare else wordings.statement(rng, kind, x, a)).upper()
+    if style == "uppercase":  # the answer alone: restating the question in capitals garbles
+        if any(c.isalpha() for c in a):  # its names (README: the SFT ablations)
+            return _terse(rng, kind, a).upper()
+        return wordings.statement(rng, kind, x, a).upper()  # a bare number has no letters
     if style == "filler":
         opener = rng.choice(_OPENERS)
         body = wordings.statement(rng, kind, x, a)
