@@ -222,7 +222,8 @@ def learn(learners, optim, batch, rollout_values, settings, step, proc, rng):
     settings.minibatch). rollout_values: the rollout's logprobs, values, advantages, returns
     (B, R each). Returns the mean of each statistic over the gradient steps."""
     policy, critic = learners
-    totals, steps = {}, 0
+    totals = {}
+    steps = 0
     rows_per_step = settings.minibatch // proc.world_size
     for _ in range(settings.ppo_epochs):
         order = torch.randperm(len(batch["ids"]), generator=rng).tolist()
@@ -360,7 +361,8 @@ def load_networks(args, proc):
     reward_model, reward_tok, reward_ckpt = load_checkpoint(
         settings.reward_model, ["reward"], proc.device, "--reward-model")
     if ckpt is None:
-        policy, tok = copy.deepcopy(sft), sft_tok
+        policy = copy.deepcopy(sft)
+        tok = sft_tok
     if len({tok.checksum, sft_tok.checksum, reward_tok.checksum}) > 1:
         raise UserError(f"--init-from {settings.init_from}, --reward-model "
                         f"{settings.reward_model} and the run use different tokenizers")

@@ -49,7 +49,8 @@ from checkpoints import (MetricsLog, load_checkpoint, prepare_out_dir, save_chec
                          update_checkpoint)
 from cli import launch, parse_stage_args, setting, start_or_resume
 from data import chats, teacher
-from data.comparisons import check_labeler, comparison, human_rankings, read_comparisons
+from data.comparisons import (check_labeler, comparison, human_rankings, pairs_of,
+                              read_comparisons)
 from evaluation import answer, carry_knowledge, check_chat_eval_fits, evaluate_reward_model
 from ground import UserError, choice, jsonl_rows, nonnegative, seed_arg, write_json, write_text
 from model import LikelihoodRewardGPT, ScalarHeadGPT
@@ -169,10 +170,12 @@ def ranked_comparisons(args, settings, policy, tok, proc):
             write_text(answers_path, "".join(json.dumps({"item": item, "answers": options}) + "\n"
                                              for item, options in sampled(policy, tok, settings)))
         kept = [row for _, row in jsonl_rows(answers_path)]
-        items, answers = [r["item"] for r in kept], [list(map(tuple, r["answers"])) for r in kept]
+        items = [row["item"] for row in kept]
+        answers = [[tuple(option) for option in row["answers"]] for row in kept]
         complete = human_rankings(items, answers, path)
     elif proc.master:
-        rng, rows = random.Random(settings.seed), []
+        rng = random.Random(settings.seed)
+        rows = []
         for i, (item, options) in enumerate(sampled(policy, tok, settings)):
             ranking, scores = teacher.rank(
                 item, [text for text, _ in options], [ended for _, ended in options],
@@ -189,20 +192,6 @@ def ranked_comparisons(args, settings, policy, tok, proc):
 
 
 # ----------------------------------------------------------------------------- 3. learn
-def pairs_of(row):
-    """(better, worse) response indices of a ranked row, every pair of its ranking; and how many
-    pairs are ties (answers the labeler scored equally), which teach nothing."""
-    order, scores = row["ranking"], row.get("scores")
-    pairs, ties = [], 0
-    for args, better in enumerate(order):
-        for worse in order[args + 1:]:
-            if scores and scores[better] == scores[worse]:
-                ties += 1
-            else:
-                pairs.append((better, worse))
-    return pairs, ties
-
-
 def encode_comparisons(tok, rows, block_size):
     """Training examples (token sequences of the K answers, pairs) of the rows that have a pair,
     and counts: pairs, ties, rows without a pair. A sequence longer than the context is an error
@@ -248,12 +237,14 @@ def validate(model, examples, micro_batch, pad_id, proc):
     if not examples:
         return None, None
     model.eval()
-    loss, correct = 0.0, 0
+    loss = 0.0
+    correct = 0
     for i in range(0, len(examples), micro_batch):
         with autocast(proc.device, proc.dtype):
             part_loss, part_correct = ranking_loss(model, examples[i:i + micro_batch], pad_id,
                                                    proc.device)
-        loss, correct = loss + part_loss.item(), correct + int(part_correct)
+        loss += part_loss.item()
+        correct += int(part_correct)
     model.train()
     return loss / len(examples), correct / sum(len(pairs) for _, pairs in examples)
 

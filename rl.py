@@ -31,7 +31,8 @@ def rollout(policy, tok, items, *, max_new_tokens, temperature, seed, proc=ONE_P
     the answers right-padded to R; `pad` (B,) left-padding counts; `mask` (B, R) 1 on answer
     tokens up to and including the stop token; `ended` (B,) whether the answer stopped with
     <|end|>; and `prompt_len` L."""
-    end, device = tok.special("<|end|>"), policy.embed_tokens.weight.device
+    end = tok.special("<|end|>")
+    device = policy.embed_tokens.weight.device
     prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
     with autocast(proc.device, proc.dtype):
         steps = list(policy.stream(prompts, max_new_tokens, temperature=temperature,

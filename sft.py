@@ -129,7 +129,8 @@ def read_jsonl(path):
 def encode(tok, convs, block_size):
     """(input ids, targets) per conversation: targets are the next tokens where the loss mask
     is 1, and -1 (ignored) elsewhere. Returns the examples and how many were too long."""
-    examples, too_long = [], 0
+    examples = []
+    too_long = 0
     for chat in convs:
         ids, mask = tok.render_chat(chat)
         if len(ids) > block_size + 1:
@@ -162,7 +163,8 @@ def val_loss(model, examples, micro_batch, tok, proc):
     if not examples:
         return None
     model.eval()
-    total, count = 0.0, 0
+    total = 0.0
+    count = 0
     for i in range(0, len(examples), micro_batch):
         x, y = collate(examples[i:i + micro_batch], tok.pad_id, proc.device)
         with autocast(proc.device, proc.dtype):

@@ -16,8 +16,8 @@ import os
 import textwrap
 
 from data import teacher
-from data.wordings import prompt_item
 from data.tokenizer import check_chat
+from data.wordings import prompt_item
 from ground import UserError, jsonl_rows
 
 
@@ -29,6 +29,23 @@ def comparison(i, item, options, ranking, scores=None):
         row["scores"] = [round(x, 6) for x in scores]
     return {**row, **{k: item[k] for k in ("kind", "entity", "gold", "claim", "behaviour")
                       if k in item}}
+
+
+def pairs_of(row):
+    """(better, worse) response indices of a ranked row, every pair of its ranking (C(K, 2) of
+    K answers); and how many pairs are ties (answers the labeler scored equally), which teach
+    nothing."""
+    order = row["ranking"]
+    scores = row.get("scores")
+    pairs = []
+    ties = 0
+    for position, better in enumerate(order):
+        for worse in order[position + 1:]:
+            if scores and scores[better] == scores[worse]:
+                ties += 1
+            else:
+                pairs.append((better, worse))
+    return pairs, ties
 
 
 def human_rankings(items, answers, path, ask=input):

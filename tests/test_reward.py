@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import reward
 from checkpoints import load_checkpoint, save_checkpoint
 from data import chats, teacher
-from data.comparisons import human_rankings, read_comparisons
+from data.comparisons import human_rankings, pairs_of, read_comparisons
 from model import GPTConfig, LikelihoodRewardGPT, ScalarHeadGPT
 from scoring import answer_ids, reward_scores, right_padded
 
@@ -56,9 +56,9 @@ def test_a_score_is_the_same_alone_right_padded_or_batched():
 def test_answers_scored_equally_give_no_pair():
     row = {"responses": ["a", "b", "c", "d"], "ended": [True, True, True, False],
            "ranking": [0, 2, 1, 3], "scores": [1.0, 0.5, 1.0, 0.5]}
-    pairs, ties = reward.pairs_of(row)  # 0 ties with 2, 1 with 3
+    pairs, ties = pairs_of(row)  # 0 ties with 2, 1 with 3
     assert pairs == [(0, 1), (0, 3), (2, 1), (2, 3)] and ties == 2
-    assert reward.pairs_of({**row, "scores": None}) == (
+    assert pairs_of({**row, "scores": None}) == (
         [(0, 2), (0, 1), (0, 3), (2, 1), (2, 3), (1, 3)], 0)  # a ranking alone has no ties
 
 
