@@ -181,7 +181,8 @@ def reward_model_scores(reward_model, offset, no_end_penalty):
 def scores_of(reward_model, tok, items, batch, offset, no_end_penalty):
     """The reward model's score of each answer (B,), its offset subtracted (0 = an average SFT
     answer), or no_end_penalty for an answer that never ended; and the answers' texts."""
-    device, texts = batch["ids"].device, answer_texts(tok, batch)
+    device = batch["ids"].device
+    texts = answer_texts(tok, batch)
     seqs = [answer_ids(tok, it["messages"], text, ended)
             for it, text, ended in zip(items, texts, batch["ended"].tolist())]
     scores = torch.tensor(reward_scores(reward_model, seqs, tok.pad_id, device, offset),
@@ -253,7 +254,8 @@ def learn(learners, optim, batch, rollout_values, settings, step, proc, rng):
 def answer_values(critic, batch):
     """The critic's value of each answer prefix (B, R), read at the token before each answer
     token."""
-    start, answer_len = batch["prompt_len"] - 1, batch["mask"].shape[1]
+    start = batch["prompt_len"] - 1
+    answer_len = batch["mask"].shape[1]
     return critic(batch["ids"], pad=batch["pad"])[:, start:start + answer_len]
 
 

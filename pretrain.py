@@ -201,7 +201,8 @@ def train(args, settings, raw, tok, train_data, val_data, meta, proc, ckpt):
     """The pretraining loop: next-token loss on random windows of the corpus, accumulated over
     micro-batches, one optimizer step, a validation loss and a checkpoint now and then.
     Returns (steps done, last validation loss)."""
-    T, accum = settings.block_size, settings.batch_size // (settings.micro_batch * proc.world_size)
+    T = settings.block_size
+    accum = settings.batch_size // (settings.micro_batch * proc.world_size)
     opt, scaler = make_optimizer(raw, settings.lr, settings.weight_decay, proc)
     step, last_val = resume_training(ckpt, opt, scaler)
     data_rng = torch.Generator().manual_seed(settings.seed + 1)  # the same on every rank
@@ -211,7 +212,8 @@ def train(args, settings, raw, tok, train_data, val_data, meta, proc, ckpt):
     model = wrap_model(raw, args.compile, proc, T)
     log = MetricsLog(os.path.join(args.out_dir, "log.jsonl"), proc.master,
                      resume_step=step if ckpt is not None else None)
-    clock, stop = SaveClock(proc), min(settings.steps, args.stop_at or settings.steps)
+    clock = SaveClock(proc)
+    stop = min(settings.steps, args.stop_at or settings.steps)
     # Ctrl-C, a non-finite loss or a failed write stops the run here; launch() says what is saved
     with tqdm(total=stop, initial=step, disable=not proc.master, desc="pretrain",
               dynamic_ncols=True) as bar:

@@ -116,7 +116,8 @@ PRESETS = {
 }
 # A fresh head's step unlearns a next-token head: 69% of held-out fact pairs at 1e-4, 74% at 3e-5
 LIKELIHOOD_LR = 3e-5
-COMPARISONS_FILE, ANSWERS_FILE = "comparisons.jsonl", "answers.jsonl"  # answers: --labeler human
+COMPARISONS_FILE = "comparisons.jsonl"
+ANSWERS_FILE = "answers.jsonl"  # --labeler human: the answers, sampled once, then ranked
 
 
 def parse_args(argv=None):
@@ -196,7 +197,8 @@ def encode_comparisons(tok, rows, block_size):
     """Training examples (token sequences of the K answers, pairs) of the rows that have a pair,
     and counts: pairs, ties, rows without a pair. A sequence longer than the context is an error
     naming its row."""
-    examples, counts = [], {"pairs": 0, "ties": 0, "rows_without_pairs": 0}
+    examples = []
+    counts = {"pairs": 0, "ties": 0, "rows_without_pairs": 0}
     for row in rows:
         seqs = [answer_ids(tok, row["messages"], text, ended)
                 for text, ended in zip(row["responses"], row["ended"])]
@@ -220,7 +222,10 @@ def ranking_loss(model, examples, pad_id, device):
     seqs = [seq for answers, _ in examples for seq in answers]
     ids, last = right_padded(seqs, pad_id, device)
     scores = model(ids)[torch.arange(len(seqs), device=device), last]
-    better, worse, weight, start = [], [], [], 0
+    better = []
+    worse = []
+    weight = []
+    start = 0
     for answers, pairs in examples:
         better += [start + b for b, _ in pairs]
         worse += [start + w for _, w in pairs]
@@ -352,7 +357,8 @@ def train(args, settings, raw, tok, train_set, val_set, proc, ckpt, steps, state
     model = wrap_model(raw, args.compile, proc, raw.config.block_size)
     log = MetricsLog(os.path.join(args.out_dir, "log.jsonl"), proc.master,
                      resume_step=step if ckpt is not None else None)
-    clock, stop = SaveClock(proc), min(steps, args.stop_at or steps)
+    clock = SaveClock(proc)
+    stop = min(steps, args.stop_at or steps)
     probe = torch.tensor([train_set[0][0][0]], device=proc.device)  # for check_weights
     # Ctrl-C, a non-finite loss or a failed write stops the run here; launch() says what is saved
     with tqdm(total=stop, initial=step, disable=not proc.master, desc="reward",

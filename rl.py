@@ -69,7 +69,8 @@ def logprobs_and_entropy(policy, batch, temperature):
 
 def answer_texts(tok, batch):
     """Each answer's text: its real tokens, without the stop token (<|end|> or <|endoftext|>)."""
-    stops, texts = {tok.special("<|end|>"), tok.eot_id}, []
+    stops = {tok.special("<|end|>"), tok.eot_id}
+    texts = []
     answers = batch["ids"][:, batch["prompt_len"]:].tolist()
     for row, keep in zip(answers, batch["mask"].tolist()):
         kept = [token for token, on in zip(row, keep) if on]

@@ -33,7 +33,8 @@ def right_padded(sequences, pad_id, device):
 def reward_scores(model, sequences, pad_id, device, offset=0.0, batch_size=64):
     """The reward model's score of each token sequence (answer_ids), minus `offset` (the mean
     score of the SFT model's answers, stored in a reward checkpoint): a list of floats."""
-    training, scores = model.training, []
+    training = model.training
+    scores = []
     model.eval()
     for i in range(0, len(sequences), batch_size):
         ids, last = right_padded(sequences[i:i + batch_size], pad_id, device)
@@ -48,7 +49,9 @@ class RewardScorer:
 
     def __init__(self, ckpt_dir, device, flag):
         self.model, self.tok, ckpt = load_checkpoint(ckpt_dir, ["reward"], device, flag)
-        self.offset, self.device, self.flag = ckpt.get("score_offset", 0.0), device, flag
+        self.offset = ckpt.get("score_offset", 0.0)
+        self.device = device
+        self.flag = flag
         if "score_offset" not in ckpt:
             print(f"note: {ckpt_dir} has no score offset yet (its run has not finished): scores "
                   "are not centred on the SFT model's mean", file=sys.stderr)

@@ -291,14 +291,16 @@ def train(args, settings, raw, tok, train_set, val_set, replay, checksums, proc,
     """The SFT loop: the masked loss on the assistant tokens of a batch of chats, plus the loss
     on a few replayed pretraining sequences; one optimizer step; held-out loss and checkpoint now
     and then. Returns (steps done, last validation loss)."""
-    T, micro_batch, accum = raw.config.block_size, settings.micro_batch, settings.batch_size // (
-        settings.micro_batch * proc.world_size)
+    T = raw.config.block_size
+    micro_batch = settings.micro_batch
+    accum = settings.batch_size // (micro_batch * proc.world_size)
     opt, scaler = make_optimizer(raw, settings.lr, settings.weight_decay, proc)
     step, last_val = resume_training(ckpt, opt, scaler)
     model = wrap_model(raw, args.compile, proc, T)
     log = MetricsLog(os.path.join(args.out_dir, "log.jsonl"), proc.master,
                      resume_step=step if ckpt is not None else None)
-    clock, stop = SaveClock(proc), min(steps, args.stop_at or steps)
+    clock = SaveClock(proc)
+    stop = min(steps, args.stop_at or steps)
     # Ctrl-C, a non-finite loss or a failed write stops the run here; launch() says what is saved
     with tqdm(total=stop, initial=step, disable=not proc.master, desc="sft",
               dynamic_ncols=True) as bar:
