@@ -412,7 +412,8 @@ def train(args, settings, raw, tok, train_set, val_set, proc, ckpt, steps, state
 def final_evaluation(args, settings, model, tok, sets, heldout, state, summary, step, proc):
     """The offset that makes the mean score of the training prompts' answers 0 (stored in the
     checkpoint), and eval.json: validation accuracy, and held-out accuracy against the teacher."""
-    t0, (train_rows, val_set) = time.time(), sets
+    t0 = time.time()
+    train_rows, val_set = sets
     val_loss, val_accuracy = validate(model, val_set, settings.micro_batch, tok.pad_id, proc)
     seqs = [answer_ids(tok, row["messages"], text, ended) for row in train_rows
             for text, ended in zip(row["responses"], row["ended"])]
