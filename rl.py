@@ -1,7 +1,7 @@
 """The building blocks that moving a policy with its own answers needs, whatever the method.
 
-PPO (ppo.py) uses all of them; the same pieces serve any method that samples answers from a
-policy and compares its log-probs with a frozen reference's:
+PPO (ppo.py) uses all of them but kl_k3; the same pieces serve any method that samples
+answers from a policy and compares its log-probs with a frozen reference's:
 
 - rollout: one answer per prompt, sampled with the KV cache, as a batch of tensors;
 - answer_logprobs, logprobs_and_entropy: log pi(answer token | prompt, answer so far), without
