@@ -22,6 +22,9 @@ from model import GPT, GPTConfig, LikelihoodRewardGPT, ScalarHeadGPT
 
 CKPT_FILE, TOKENIZER_FILE = "ckpt.pt", "tokenizer.json"
 RESUME_FORMAT = 2  # the training state a checkpoint records; 2: data checksums, not paths
+# the stages whose checkpoints are chat models that write answers (the policy stages start
+# from any of them)
+INSTRUCT_STAGES = ("sft", "ppo", "dpo", "grpo")
 
 
 def save_checkpoint(out_dir, stage, model, tokenizer, **state):

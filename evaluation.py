@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from data import chats, code, teacher, world
-from ground import UserError, write_json
+from ground import UserError, jsonl_rows, write_json, write_text
+from rl import ONE_PROCESS, answer_logprobs, answer_texts, kl_k1, rollout
 from scoring import answer_ids, reward_scores
 
 
@@ -197,6 +198,54 @@ def answer(model, tok, prompts, max_new=48, batch_size=64, temperature=0.0, seed
     return out
 
 
+def sample_answers(policy, tok, items, *, k, temperature, max_new_tokens, seed, desc=None):
+    """k answers per chat prompt, [[(text, ended with <|end|>), ...], ...], each answer once: the
+    same answer sampled twice is one answer (there is nothing to compare), and an empty one is
+    none. Sampled in batched, KV-cached calls of 64 rows, a prompt's k copies side by side."""
+    prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
+    copies = [p for p in prompts for _ in range(k)]
+    rows = answer(policy, tok, copies, max_new_tokens, temperature=temperature, seed=seed,
+                  desc=desc)
+    return [list(dict.fromkeys((text.strip(), ended) for text, ended, _ in
+                               rows[i * k:(i + 1) * k] if text.strip()))
+            for i in range(len(items))]
+
+
+def heldout_answers(policy, tok, *, k, temperature, max_new_tokens, seed):
+    """What a reward model is scored on (evaluate_reward_model): the SFT model's k answers to the
+    held-out questions and claims (entities never in SFT or in the comparisons), and the
+    teacher's verdicts on them (noise 0, no bias): (items, answers, verdicts)."""
+    items = chats.eval_prompts("heldout") + chats.claim_prompts("heldout")
+    answers = sample_answers(policy, tok, items, k=k, temperature=temperature,
+                             max_new_tokens=max_new_tokens, seed=seed, desc="held-out answers")
+    return judged_heldout(items, answers)
+
+
+def judged_heldout(items, answers):
+    """(items, answers, the teacher's verdict on every answer)."""
+    verdicts = [[teacher.judge(it, text, ended) for text, ended in options]
+                for it, options in zip(items, answers)]
+    return items, answers, verdicts
+
+
+HELDOUT_ANSWERS_FILE = "heldout_answers.jsonl"  # in a reward run's folder
+
+
+def write_heldout(path, heldout):
+    """The held-out answers as JSONL, one prompt a line: {"item", "answers": [[text, ended]]}
+    (reward.py writes them beside its comparisons; dpo.py scores its implicit reward on them)."""
+    items, answers, _ = heldout
+    write_text(path, "".join(json.dumps({"item": it, "answers": options}) + "\n"
+                             for it, options in zip(items, answers)))
+
+
+def read_heldout(path):
+    """write_heldout's file, judged again: (items, answers, verdicts)."""
+    rows = [row for _, row in jsonl_rows(path)]
+    return judged_heldout([row["item"] for row in rows],
+                          [[tuple(option) for option in row["answers"]] for row in rows])
+
+
 def evaluate_chat(model, tok, items, examples=3, known=None):
     """Judge the model's answers to chat prompts (greedy) with the teacher. Used for every
     instruct stage: accuracy, end-of-turn rate, length, adherence per system behaviour, and the
@@ -276,6 +325,35 @@ def evaluate_instruct(model, tok, known=None):
     """evaluate_chat on each of instruct_eval_sets() (known: split by the knowledge audit)."""
     return {name: evaluate_chat(model, tok, items, known=known)
             for name, items in instruct_eval_sets().items()}
+
+
+def policy_against_sft(name, policy, reference, tok, known, *, temperature, max_new_tokens, seed,
+                       proc=ONE_PROCESS):
+    """What every policy stage (ppo, dpo, grpo) reports against the SFT model it started from:
+    {"sampled": {"sft": ..., name: ...}, "sft": evaluate_instruct, name: evaluate_instruct}."""
+    runs = {"sft": reference, name: policy}
+    sampled = {run: sampled_heldout(model, reference, tok, temperature=temperature,
+                                    max_new_tokens=max_new_tokens, seed=seed, proc=proc)
+               for run, model in runs.items()}
+    return {"sampled": sampled,
+            **{run: evaluate_instruct(model, tok, known) for run, model in runs.items()}}
+
+
+@torch.no_grad()
+def sampled_heldout(model, reference, tok, *, temperature, max_new_tokens, seed, proc=ONE_PROCESS):
+    """The model's sampled answers (as a policy stage samples) to the held-out questions and
+    claims: gold_stats, end-of-turn rate, length, and KL(model || SFT), summed over answer
+    tokens."""
+    items = chats.eval_prompts("heldout") + chats.claim_prompts("heldout")
+    model.eval()
+    batch = rollout(model, tok, items, max_new_tokens=max_new_tokens, temperature=temperature,
+                    seed=seed, proc=proc)
+    mask = batch["mask"]
+    kl = (kl_k1(answer_logprobs(model, batch, temperature),
+                answer_logprobs(reference, batch, temperature)) * mask).sum(1)
+    return {**gold_stats(items, answer_texts(tok, batch), batch["ended"].tolist()),
+            "end_of_turn_rate": batch["ended"].float().mean().item(),
+            "mean_length_tokens": mask.sum(1).mean().item(), "kl_to_sft": kl.mean().item()}
 
 
 def evaluate_base_on_chat_prompts(model, tok, items):

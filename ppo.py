@@ -30,15 +30,16 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from checkpoints import MetricsLog, load_checkpoint, prepare_out_dir, save_checkpoint
+from checkpoints import (INSTRUCT_STAGES, MetricsLog, load_checkpoint, prepare_out_dir,
+                         save_checkpoint)
 from cli import launch, parse_stage_args, setting, start_or_resume
 from data import chats, comparisons
-from evaluation import carry_knowledge, evaluate_instruct, gold_stats
+from evaluation import carry_knowledge, gold_stats, policy_against_sft
 from ground import UserError, nonnegative, seed_arg, write_json
 from model import ScalarHeadGPT
 from rl import (NO_END_PENALTY, ONE_PROCESS, answer_logprobs, answer_texts, kl_k1,
                 logprobs_and_entropy, masked_mean, rollout, whiten)
-from scoring import answer_ids, reward_scores
+from scoring import reward_model_scores
 from training import (autocast, barrier, check_finite, check_weights, gather_lists,
                       mean_over_processes, wrap_model)
 
@@ -171,25 +172,6 @@ def update(networks, learners, optim, tok, items, settings, step, proc, score_fn
 
 
 # ----------------------------------------------------------------------------- 2. rewards
-def reward_model_scores(reward_model, offset, no_end_penalty):
-    """A run's score function: scores_of with this reward model."""
-    def score_fn(tok, items, batch):
-        return scores_of(reward_model, tok, items, batch, offset, no_end_penalty)
-    return score_fn
-
-
-def scores_of(reward_model, tok, items, batch, offset, no_end_penalty):
-    """The reward model's score of each answer (B,), its offset subtracted (0 = an average SFT
-    answer), or no_end_penalty for an answer that never ended; and the answers' texts."""
-    device = batch["ids"].device
-    texts = answer_texts(tok, batch)
-    seqs = [answer_ids(tok, it["messages"], text, ended)
-            for it, text, ended in zip(items, texts, batch["ended"].tolist())]
-    scores = torch.tensor(reward_scores(reward_model, seqs, tok.pad_id, device, offset),
-                          device=device)
-    return torch.where(batch["ended"], scores, torch.full_like(scores, no_end_penalty)), texts
-
-
 def rewards(logprobs, ref_logprobs, scores, mask, kl_coef):
     """Per-token rewards (B, R): -kl_coef * (log pi - log pi_ref) on every answer token, plus
     each answer's score (B,) on its last real token. Zero on padding."""
@@ -358,7 +340,7 @@ def load_networks(args, proc):
     """Networks, tokenizer, settings, the run's checkpoint (None for a new run), the reward
     model's offset."""
     settings, policy, tok, ckpt = start_or_resume(args, "ppo", Settings, PRESETS, proc.device)
-    sft, sft_tok, _ = load_checkpoint(settings.init_from, ["sft", "ppo"], proc.device,
+    sft, sft_tok, _ = load_checkpoint(settings.init_from, INSTRUCT_STAGES, proc.device,
                                       "--init-from")
     reward_model, reward_tok, reward_ckpt = load_checkpoint(
         settings.reward_model, ["reward"], proc.device, "--reward-model")
@@ -398,31 +380,14 @@ def check_shapes(settings, proc, policy, tok, items):
 def final_evaluation(args, settings, networks, tok, proc):
     """eval.json: SFT and PPO side by side, sampled and greedy (greedy: split by the audit)."""
     known = carry_knowledge(settings.init_from, args.out_dir)
-    runs = {"sft": networks.reference, "ppo": networks.policy}
-    sampled = {name: sampled_heldout(model, networks.reference, tok, settings, proc)
-               for name, model in runs.items()}
     result = {"stage": "ppo", "preset": settings.preset, "updates": settings.updates,
-              "device": proc.device, "sampled": sampled,
-              **{name: evaluate_instruct(model, tok, known) for name, model in runs.items()}}
+              "device": proc.device,
+              **policy_against_sft("ppo", networks.policy, networks.reference, tok, known,
+                                   temperature=settings.temperature,
+                                   max_new_tokens=settings.max_new_tokens, seed=settings.seed,
+                                   proc=proc)}
     write_json(os.path.join(args.out_dir, "eval.json"), result)
     print(json.dumps(result["sampled"], indent=1))
-
-
-@torch.no_grad()
-def sampled_heldout(model, reference, tok, settings, proc=ONE_PROCESS):
-    """The model's sampled answers (as in training) to the held-out questions and claims:
-    evaluation.gold_stats, end-of-turn rate, length, and KL(model || SFT), summed over answer
-    tokens."""
-    items = chats.eval_prompts("heldout") + chats.claim_prompts("heldout")
-    model.eval()
-    batch = rollout(model, tok, items, max_new_tokens=settings.max_new_tokens,
-                    temperature=settings.temperature, seed=settings.seed, proc=proc)
-    mask = batch["mask"]
-    kl = (kl_k1(answer_logprobs(model, batch, settings.temperature),
-                answer_logprobs(reference, batch, settings.temperature)) * mask).sum(1)
-    return {**gold_stats(items, answer_texts(tok, batch), batch["ended"].tolist()),
-            "end_of_turn_rate": batch["ended"].float().mean().item(),
-            "mean_length_tokens": mask.sum(1).mean().item(), "kl_to_sft": kl.mean().item()}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ Each step is a function below, in the order it runs:
    (--score head), or beta x the answer's log-likelihood under the SFT model's own next-token
    head (--score likelihood, model.LikelihoodRewardGPT: it reads facts where a head hardly can).
 4. check: pairwise accuracy on held-out comparisons while training; at the end, on answers about
-   held-out entities judged by the teacher (evaluation.evaluate_reward_model, eval.json), and an
+   held-out entities judged by the teacher (evaluation.evaluate_reward_model, eval.json; the
+   answers in heldout_answers.jsonl, where dpo.py scores its implicit reward too), and an
    offset stored in the checkpoint so that the mean score of the training comparisons' answers
    (the SFT model's own, unless --comparisons) is 0: PPO reads scores relative to SFT.
 """
@@ -45,13 +46,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import (MetricsLog, load_checkpoint, prepare_out_dir, save_checkpoint,
-                         update_checkpoint)
+from checkpoints import (INSTRUCT_STAGES, MetricsLog, load_checkpoint, prepare_out_dir,
+                         save_checkpoint, update_checkpoint)
 from cli import launch, parse_stage_args, setting, start_or_resume
 from data import chats, teacher
 from data.comparisons import (check_labeler, comparison, human_rankings, pairs_of,
                               read_comparisons)
-from evaluation import answer, carry_knowledge, check_chat_eval_fits, evaluate_reward_model
+from evaluation import (carry_knowledge, check_chat_eval_fits, evaluate_reward_model,
+                        HELDOUT_ANSWERS_FILE, heldout_answers, sample_answers, write_heldout)
 from ground import UserError, choice, jsonl_rows, nonnegative, seed_arg, write_json, write_text
 from model import LikelihoodRewardGPT, ScalarHeadGPT
 from scoring import answer_ids, reward_scores, right_padded
@@ -128,24 +130,13 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- 1. sample
-def sample_answers(policy, tok, items, settings, seed, desc="sample"):
-    """K answers per chat prompt, [[(text, ended with <|end|>), ...], ...], each answer once: the
-    same answer sampled twice is one answer (there is nothing to compare), and an empty one is
-    none. Sampled in batched, KV-cached calls of 64 rows, a prompt's K copies side by side."""
-    prompts = [tok.render_chat(it["messages"], for_completion=True)[0] for it in items]
-    copies = [p for p in prompts for _ in range(settings.k)]
-    rows = answer(policy, tok, copies, settings.max_new_tokens, temperature=settings.temperature,
-                  seed=seed, desc=desc)
-    return [list(dict.fromkeys((text.strip(), ended) for text, ended, _ in
-                               rows[i * settings.k:(i + 1) * settings.k] if text.strip()))
-            for i in range(len(items))]
-
-
 def sampled(policy, tok, settings):
     """(prompt item, its distinct answers) for the prompts of the reward pool that got at least
     two different answers."""
     items = chats.rl_prompts("reward", seed=settings.seed, n=settings.prompts)
-    answers = sample_answers(policy, tok, items, settings, seed=settings.seed)
+    answers = sample_answers(policy, tok, items, k=settings.k, temperature=settings.temperature,
+                             max_new_tokens=settings.max_new_tokens, seed=settings.seed,
+                             desc="sample")
     kept = [(item, options) for item, options in zip(items, answers) if len(options) > 1]
     print(f"{len(items) - len(kept)} of {len(items)} prompts got fewer than two different "
           "answers: nothing to rank there", file=sys.stderr)
@@ -254,18 +245,6 @@ def validate(model, examples, micro_batch, pad_id, proc):
     return loss / len(examples), correct / sum(len(pairs) for _, pairs in examples)
 
 
-# ----------------------------------------------------------------------------- 4. check
-def heldout_answers(policy, tok, settings):
-    """The SFT model's K answers to the held-out evaluation prompts and claims (entities never in
-    SFT or in the comparisons), and the teacher's verdicts on them (noise 0, no bias)."""
-    items = chats.eval_prompts("heldout") + chats.claim_prompts("heldout")
-    answers = sample_answers(policy, tok, items, settings, seed=settings.seed + 1,
-                             desc="held-out answers")
-    verdicts = [[teacher.judge(it, text, ended) for text, ended in options]
-                for it, options in zip(items, answers)]
-    return items, answers, verdicts
-
-
 # ----------------------------------------------------------------------------- the run
 def main(argv=None):
     launch(run, parse_args(argv))
@@ -275,7 +254,7 @@ def run(args, proc):
     settings, model, tok, ckpt = start_or_resume(args, "reward", Settings, PRESETS, proc.device)
     if ckpt is None and settings.score == "likelihood" and "lr" not in args.given:
         settings.lr = LIKELIHOOD_LR
-    policy, tok_of_policy, _ = load_checkpoint(settings.init_from, ["sft", "ppo"], proc.device,
+    policy, tok_of_policy, _ = load_checkpoint(settings.init_from, INSTRUCT_STAGES, proc.device,
                                                "--init-from")
     if ckpt is None:
         torch.manual_seed(settings.seed)  # the scalar head's initial weights
@@ -308,7 +287,10 @@ def run(args, proc):
                                           "micro_batch" in args.given)
     steps = settings.epochs * (len(train_set) // settings.batch_size)
     evaluate = proc.master and not args.no_behaviour_eval
-    heldout = heldout_answers(policy, tok, settings) if evaluate else None
+    heldout = None
+    if evaluate:  # the same answers each time: the seed after the run's
+        heldout = heldout_answers(policy, tok, k=settings.k, temperature=settings.temperature,
+                                  max_new_tokens=settings.max_new_tokens, seed=settings.seed + 1)
     del policy  # it has written every answer this stage needs
     if proc.master:
         print(f"reward model: {len(rows)} comparisons ({len(val_set)} held out); to train on: "
@@ -409,6 +391,7 @@ def train(args, settings, raw, tok, train_set, val_set, proc, ckpt, steps, state
     return step, last_val
 
 
+# ----------------------------------------------------------------------------- 4. check
 def final_evaluation(args, settings, model, tok, sets, heldout, state, summary, step, proc):
     """The offset that makes the mean score of the training prompts' answers 0 (stored in the
     checkpoint), and eval.json: validation accuracy, and held-out accuracy against the teacher."""
@@ -430,6 +413,7 @@ def final_evaluation(args, settings, model, tok, sets, heldout, state, summary, 
         result["heldout"] = evaluate_reward_model(model, tok, heldout, proc.device, offset,
                                                   known=known)
         result["heldout_accuracy_before_training"] = state["heldout_before"]
+        write_heldout(os.path.join(args.out_dir, HELDOUT_ANSWERS_FILE), heldout)  # for dpo.py
     result["eval_seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(args.out_dir, "eval.json"), result)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))

@@ -89,7 +89,7 @@ class Sampler:
                                                      flag="--compare" if args.compare else "--ckpt")
         if self.model.head != "lm":
             raise UserError(f"{ckpt_dir} is a '{ckpt['stage']}' checkpoint: it scores answers "
-                            "and does not write them; sample from a base, sft or ppo checkpoint")
+                            "and does not write them; sample from a base or instruct checkpoint")
         self.model.eval()
         self.stage = ckpt["stage"]
         self.chat = chats.prompted_as_chat(args.format, self.stage)

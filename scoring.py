@@ -2,9 +2,9 @@
 
 A reward model (reward.py) reads a whole chat, the prompt and one answer, and gives one number:
 its output at the answer's last token. Every reader of a reward model goes through here: the
-reward model's own training and evaluation (reward.py, evaluation.evaluate_reward_model), PPO's
-rewards (ppo.py), the over-optimisation experiment, and `sample.py --score-with` and serve.py
-(RewardScorer, one answer at a time).
+reward model's own training and evaluation (reward.py, evaluation.evaluate_reward_model), the
+policy stages' rewards (ppo.py, grpo.py: reward_model_scores), the over-optimisation
+experiment, and `sample.py --score-with` and serve.py (RewardScorer, one answer at a time).
 """
 import sys
 
@@ -12,6 +12,7 @@ import torch
 
 from checkpoints import load_checkpoint
 from ground import UserError
+from rl import answer_texts
 
 
 def answer_ids(tok, messages, text, ended):
@@ -41,6 +42,28 @@ def reward_scores(model, sequences, pad_id, device, offset=0.0, batch_size=64):
         scores += (model(ids)[torch.arange(len(ids), device=device), last] - offset).tolist()
     model.train(training)
     return scores
+
+
+def reward_model_scores(reward_model, offset, no_end_penalty):
+    """A policy run's score function (ppo.py, grpo.py): score_fn(tok, items, batch) ->
+    (scores (B,), texts) of a rollout's answers (rl.rollout) with this reward model."""
+    def score_fn(tok, items, batch):
+        return rollout_scores(reward_model, tok, items, batch, offset=offset,
+                              no_end_penalty=no_end_penalty)
+    return score_fn
+
+
+def rollout_scores(reward_model, tok, items, batch, *, offset, no_end_penalty):
+    """The reward model's score of each answer of a rollout (B,), its offset subtracted (0 = an
+    average SFT answer), or no_end_penalty for an answer that never ended; and the answers'
+    texts."""
+    device = batch["ids"].device
+    texts = answer_texts(tok, batch)
+    seqs = [answer_ids(tok, it["messages"], text, ended)
+            for it, text, ended in zip(items, texts, batch["ended"].tolist())]
+    scores = torch.tensor(reward_scores(reward_model, seqs, tok.pad_id, device, offset),
+                          device=device)
+    return torch.where(batch["ended"], scores, torch.full_like(scores, no_end_penalty)), texts
 
 
 class RewardScorer:

@@ -36,7 +36,7 @@ import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from checkpoints import load_checkpoint
+from checkpoints import INSTRUCT_STAGES, load_checkpoint
 from data import chats, teacher
 from ground import UserError, die
 from scoring import RewardScorer
@@ -93,7 +93,8 @@ class Models:
         self.dtype = pick_dtype(dtype, self.device)
         self.columns = []
         for d in dirs:
-            model, tok, ckpt = load_checkpoint(d, ["base", "sft", "ppo"], self.device, "serve.py")
+            model, tok, ckpt = load_checkpoint(d, ["base", *INSTRUCT_STAGES], self.device,
+                                               "serve.py")
             if self.columns and tok.checksum != self.tok.checksum:
                 raise UserError(f"{d} has another tokenizer than {self.columns[0]['name']}: the "
                                 "page compares the checkpoints of one pipeline")

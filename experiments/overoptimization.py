@@ -28,7 +28,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint
+from checkpoints import INSTRUCT_STAGES, load_checkpoint
 from cli import run_stage
 from data import chats, teacher
 from ground import UserError, positive, run_or_die, write_json
@@ -98,7 +98,7 @@ def run(args):
 def best_of_n(args, proxy_dir):
     """Points (method best_of_n, n, KL bound, proxy and gold score of the proxy's favourite
     among the first n answers, averaged over the prompts)."""
-    sft, tok, _ = load_checkpoint(args.sft, ["sft", "ppo"], pick_device(args.device))
+    sft, tok, _ = load_checkpoint(args.sft, INSTRUCT_STAGES, pick_device(args.device))
     device = sft.embed_tokens.weight.device
     proxy, _, proxy_ckpt = load_checkpoint(proxy_dir, ["reward"], device)
     offset = proxy_ckpt.get("score_offset") or 0.0

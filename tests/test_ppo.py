@@ -10,6 +10,7 @@ import torch
 
 import ppo
 import rl
+import scoring
 from checkpoints import load_checkpoint
 from data import chats
 from model import ScalarHeadGPT
@@ -288,13 +289,14 @@ def test_bad_input_gets_one_line_naming_it(tiny_base, tiny_sft, tiny_reward, tmp
 
 def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_sft, tiny_reward, tmp_path,
                                                                 monkeypatch, capsys):
-    calls, scores_of = [], ppo.scores_of
+    calls = []
+    rollout_scores = scoring.rollout_scores
 
-    def nan_at_the_third_update(*args):
+    def nan_at_the_third_update(*args, **kwargs):
         calls.append(1)
-        scores, texts = scores_of(*args)
+        scores, texts = rollout_scores(*args, **kwargs)
         return scores * (float("nan") if len(calls) == 3 else 1.0), texts
-    monkeypatch.setattr(ppo, "scores_of", nan_at_the_third_update)
+    monkeypatch.setattr(scoring, "rollout_scores", nan_at_the_third_update)
     out = tmp_path / "ppo"
     with pytest.raises(SystemExit) as stopped:
         ppo.main(["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft, "--reward-model",
