@@ -34,7 +34,6 @@ Each step is a function below, in the order it runs:
    offset stored in the checkpoint so that the mean score of the training comparisons' answers
    (the SFT model's own, unless --comparisons) is 0: PPO reads scores relative to SFT.
 """
-import hashlib
 import json
 import os
 import random
@@ -50,13 +49,13 @@ from checkpoints import (INSTRUCT_STAGES, MetricsLog, load_checkpoint, prepare_o
                          save_checkpoint, update_checkpoint)
 from cli import launch, parse_stage_args, setting, start_or_resume
 from data import chats, teacher
-from data.comparisons import (check_labeler, comparison, human_rankings, pairs_of,
-                              read_comparisons)
+from data.comparisons import (check_labeler, comparison, human_rankings, read_comparisons,
+                              rows_checksum)
 from evaluation import (carry_knowledge, check_chat_eval_fits, evaluate_reward_model,
                         HELDOUT_ANSWERS_FILE, heldout_answers, sample_answers, write_heldout)
 from ground import UserError, choice, jsonl_rows, nonnegative, seed_arg, write_json, write_text
 from model import LikelihoodRewardGPT, ScalarHeadGPT
-from scoring import answer_ids, reward_scores, right_padded
+from scoring import answer_ids, encode_comparisons, pair_indices, reward_scores, right_padded
 from training import (SAVE_EVERY_SECONDS, SaveClock, autocast, barrier, batch_indices,
                       check_finite, check_weights, lr_at, make_optimizer, mean_over_processes,
                       optimizer_step, resume_training, split_batch, throughput, wrap_model)
@@ -184,27 +183,6 @@ def ranked_comparisons(args, settings, policy, tok, proc):
 
 
 # ----------------------------------------------------------------------------- 3. learn
-def encode_comparisons(tok, rows, block_size):
-    """Training examples (token sequences of the K answers, pairs) of the rows that have a pair,
-    and counts: pairs, ties, rows without a pair. A sequence longer than the context is an error
-    naming its row."""
-    examples = []
-    counts = {"pairs": 0, "ties": 0, "rows_without_pairs": 0}
-    for row in rows:
-        seqs = [answer_ids(tok, row["messages"], text, ended)
-                for text, ended in zip(row["responses"], row["ended"])]
-        if max(map(len, seqs)) > block_size:
-            raise UserError(f"{row['where']}: {max(map(len, seqs))} tokens, longer than the "
-                            f"context of {block_size}: shorten the prompt or the answers")
-        pairs, ties = pairs_of(row)
-        counts["pairs"] += len(pairs)
-        counts["ties"] += ties
-        counts["rows_without_pairs"] += not pairs
-        if pairs:
-            examples.append((seqs, pairs))
-    return examples, counts
-
-
 def ranking_loss(model, examples, pad_id, device):
     """Sum over the prompts of their mean Bradley-Terry loss -log sigmoid(r_better - r_worse)
     over pairs (the caller divides by the prompts of the step), and the number of pairs ordered
@@ -213,17 +191,9 @@ def ranking_loss(model, examples, pad_id, device):
     seqs = [seq for answers, _ in examples for seq in answers]
     ids, last = right_padded(seqs, pad_id, device)
     scores = model(ids)[torch.arange(len(seqs), device=device), last]
-    better = []
-    worse = []
-    weight = []
-    start = 0
-    for answers, pairs in examples:
-        better += [start + b for b, _ in pairs]
-        worse += [start + w for _, w in pairs]
-        weight += [1.0 / len(pairs)] * len(pairs)
-        start += len(answers)
+    better, worse, weight = pair_indices(examples, device)
     margin = scores[better] - scores[worse]
-    loss = (torch.tensor(weight, device=device) * -F.logsigmoid(margin)).sum()
+    loss = (weight * -F.logsigmoid(margin)).sum()
     return loss, (margin > 0).sum()
 
 
@@ -271,9 +241,8 @@ def run(args, proc):
     if rows is None:
         return  # a person stopped labeling; what they ranked is saved
     n_val = int(len(rows) * settings.val_fraction)
-    state = {"comparisons_checksum": hashlib.sha256(json.dumps(  # the rows, and how they are used
-        [[{k: v for k, v in r.items() if k not in ("id", "where")} for r in rows], n_val,
-         settings.seed, settings.batch_size], sort_keys=True).encode()).hexdigest()}
+    state = {"comparisons_checksum": rows_checksum(rows, n_val, settings.seed,
+                                                   settings.batch_size)}
     if ckpt is not None and ckpt["comparisons_checksum"] != state["comparisons_checksum"]:
         raise UserError(f"the comparisons, or their split and order (--val-fraction, --seed, "
                         f"--batch-size), differ from those the run in {args.out_dir} learned from")

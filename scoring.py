@@ -11,6 +11,7 @@ import sys
 import torch
 
 from checkpoints import load_checkpoint
+from data.comparisons import pairs_of
 from ground import UserError
 from rl import answer_texts
 
@@ -28,6 +29,45 @@ def right_padded(sequences, pad_id, device):
     longest = max(map(len, sequences))
     ids = torch.tensor([s + [pad_id] * (longest - len(s)) for s in sequences], device=device)
     return ids, torch.tensor([len(s) - 1 for s in sequences], device=device)
+
+
+def encode_comparisons(tok, rows, block_size):
+    """What a model learns a ranking from (reward.py, dpo.py): for each row that has a pair, the
+    token sequences of its K answers (answer_ids) and its pairs (data/comparisons.pairs_of:
+    (better, worse) indices); and counts: pairs, ties, rows without a pair. A sequence longer
+    than the context is an error naming its row."""
+    examples = []
+    counts = {"pairs": 0, "ties": 0, "rows_without_pairs": 0}
+    for row in rows:
+        seqs = [answer_ids(tok, row["messages"], text, ended)
+                for text, ended in zip(row["responses"], row["ended"])]
+        if max(map(len, seqs)) > block_size:
+            raise UserError(f"{row['where']}: {max(map(len, seqs))} tokens, longer than the "
+                            f"context of {block_size}: shorten the prompt or the answers")
+        pairs, ties = pairs_of(row)
+        counts["pairs"] += len(pairs)
+        counts["ties"] += ties
+        counts["rows_without_pairs"] += not pairs
+        if pairs:
+            examples.append((seqs, pairs))
+    return examples, counts
+
+
+def pair_indices(examples, device):
+    """Where each pair of encode_comparisons' examples lies once all their answers are laid out
+    in one batch, example after example: (better, worse, weight), each (P,) for P pairs; weight
+    1 / (the example's pairs), so that a sum over pairs is a sum over prompts of their mean."""
+    better = []
+    worse = []
+    weight = []
+    start = 0
+    for answers, pairs in examples:
+        better += [start + b for b, _ in pairs]
+        worse += [start + w for _, w in pairs]
+        weight += [1.0 / len(pairs)] * len(pairs)
+        start += len(answers)
+    return (torch.tensor(better, device=device), torch.tensor(worse, device=device),
+            torch.tensor(weight, device=device))
 
 
 @torch.no_grad()

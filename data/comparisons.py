@@ -11,6 +11,7 @@ true}. A user's file may also hold pairwise rows as in TRL's preference datasets
 "messages", "chosen", "rejected"}. Also here: the terminal labeler, a person ranking answers,
 and a user's own prompts for PPO (read_prompts).
 """
+import hashlib
 import json
 import os
 import textwrap
@@ -114,6 +115,13 @@ def read_comparisons(path, allow_empty=False):
     if not rows and not allow_empty:
         raise UserError(f"{path}: no comparisons")
     return rows
+
+
+def rows_checksum(rows, *how):
+    """A checksum of read_comparisons' rows (their content, not where they were read) and of how
+    a run uses them (how: its split, seed, batch size): a resumed run must see the same."""
+    content = [{k: v for k, v in row.items() if k not in ("id", "where")} for row in rows]
+    return hashlib.sha256(json.dumps([content, *how], sort_keys=True).encode()).hexdigest()
 
 
 def pairwise_to_kway(row, where):
