@@ -281,9 +281,10 @@ def heldout_pairs(settings, reference, tok):
     return read_heldout(path), {k: v for k, v in reward_heldout.items() if k != "examples"}
 
 
-def final_evaluation(args, settings, networks, tok, data, summary, proc):
+def final_evaluation(args, settings, networks, tok, data, summary, proc, started):
     """eval.json: validation accuracy; the implicit reward on the held-out answers beside the
-    reward model; the policy against SFT, sampled and greedy."""
+    reward model; the policy against SFT, sampled and greedy; the seconds since this process
+    started (a resumed run: since its resume)."""
     policy, reference = networks
     loss_args = dict(beta=settings.beta, pad_id=tok.pad_id, device=proc.device,
                      answer_start_id=tok.special("<|assistant|>"))
@@ -303,6 +304,7 @@ def final_evaluation(args, settings, networks, tok, data, summary, proc):
                                          temperature=settings.temperature,
                                          max_new_tokens=settings.max_new_tokens,
                                          seed=settings.seed, proc=proc))
+    result["wall_seconds"] = round(time.time() - started, 1)
     write_json(os.path.join(args.out_dir, "eval.json"), result)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
 
@@ -313,6 +315,7 @@ def main(argv=None):
 
 
 def run(args, proc):
+    started = time.time()
     settings, policy, tok, ckpt = start_or_resume(args, "dpo", Settings, PRESETS, proc.device)
     reference, reference_tok, _ = load_checkpoint(settings.init_from, INSTRUCT_STAGES,
                                                   proc.device, "--init-from")
@@ -350,7 +353,8 @@ def run(args, proc):
     if proc.master and step >= steps:
         summary = {"comparisons": len(rows), "val_prompts": len(val_set), "steps": step,
                    **{f"train_{k}": v for k, v in counts.items()}}
-        final_evaluation(args, settings, (policy, reference), tok, data, summary, proc)
+        final_evaluation(args, settings, (policy, reference), tok, data, summary, proc,
+                         started)
     barrier(proc)
 
 

@@ -12,7 +12,10 @@
 - knowledge_audit: which held-out facts the base model knows (3-shot), the ceiling for what
   post-training can elicit; every instruct and reward evaluation splits its figures by it.
 - evaluate_reward_model: how well a reward model's scores (scoring.py) agree with the teacher's
-  (reward.py).
+  (reward.py), on the SFT model's answers to held-out prompts (heldout_answers; reward.py saves
+  them, dpo.py scores its implicit reward on the same).
+- policy_against_sft: what every policy stage (ppo, dpo, grpo) reports, the policy beside the SFT
+  model it started from: evaluate_instruct, and answers sampled as in training (gold score, KL).
 """
 import itertools
 import json

@@ -61,7 +61,8 @@ class Settings:
                                     "{\"prompt\": \"...\"} (needs --reward-model: the teacher "
                                     "judges the bundled world only)")
     updates: int = setting(40, "GRPO updates (each: one rollout, then epochs of learning)")
-    rollout_batch: int = setting(16, "prompts per update, each answered group_size times")
+    rollout_batch: int = setting(8, "prompts per update, each answered group_size times: 64 "
+                                    "answers, as many as PPO's rollout")
     group_size: int = setting(8, "answers per prompt, compared with each other (G)")
     minibatch: int = setting(32, "answers per gradient step")
     epochs: int = setting(2, "passes over each rollout (DeepSeekMath: 1; two as PPO's cpu "
@@ -207,7 +208,8 @@ def learn(learner, optim, batch, rollout_values, settings, step, lr, proc, rng):
                 new_logprobs=logprobs, old_logprobs=old["logprobs"],
                 ref_logprobs=old["ref_logprobs"], advantages=old["advantages"],
                 mask=part["mask"], clip_ratio=settings.clip_ratio, kl_coef=settings.kl_coef)
-            check_finite(step + 1, policy_loss=mean_over_processes(loss.detach(), proc).item())
+            mean_loss = mean_over_processes(loss.detach().clone(), proc)  # in place: a copy
+            check_finite(step + 1, policy_loss=mean_loss.item())
             scaler.scale(loss).backward()
             stats.update(policy_loss=loss.item(),
                          entropy=masked_mean(entropy, part["mask"]).item(),
@@ -283,6 +285,7 @@ def main(argv=None):
 
 
 def run(args, proc):
+    started = time.time()
     networks, tok, settings, ckpt, score_fn = load_networks(args, proc)
     items = prompt_pool(settings)  # read once: the checks and the run use the same
     check_shapes(settings, proc, networks.policy, tok, items)
@@ -315,7 +318,7 @@ def run(args, proc):
           stop=args.stop_at, compile_=args.compile)
     bar.close()
     if proc.master and (args.stop_at or settings.updates) >= settings.updates:
-        final_evaluation(args, settings, networks, tok, before, proc)
+        final_evaluation(args, settings, networks, tok, before, proc, started)
     barrier(proc)
 
 
@@ -367,8 +370,9 @@ def check_shapes(settings, proc, policy, tok, items):
                         f"{policy.config.block_size} tokens")
 
 
-def final_evaluation(args, settings, networks, tok, before, proc):
-    """eval.json: pass@G before and after; SFT and GRPO side by side, sampled and greedy."""
+def final_evaluation(args, settings, networks, tok, before, proc, started):
+    """eval.json: pass@G before and after; SFT and GRPO side by side, sampled and greedy; the
+    seconds since this process started (a resumed run: since its resume)."""
     result = {"stage": "grpo", "preset": settings.preset, "updates": settings.updates,
               "reward": settings.reward_model or "teacher", "device": proc.device}
     if not args.no_behaviour_eval:
@@ -381,6 +385,7 @@ def final_evaluation(args, settings, networks, tok, before, proc):
                                          seed=settings.seed, proc=proc))
         print(json.dumps({"pass_at_g": result["pass_at_g"], "sampled": result["sampled"]},
                          indent=1))
+    result["wall_seconds"] = round(time.time() - started, 1)
     write_json(os.path.join(args.out_dir, "eval.json"), result)
 
 

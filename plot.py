@@ -10,6 +10,10 @@ What each panel shows depends on the stage, told by the keys its log has:
   reward  the ranking loss and the share of pairs ordered right, training and validation
   ppo     the reward model's and the teacher's (gold) score; KL to the SFT model; entropy,
           approx-KL and clip fraction
+  dpo     the DPO loss and the share of pairs its implicit reward orders right; the implicit
+          rewards of the better and the worse answers
+  grpo    the reward (the teacher's or a reward model's) and the gold score; KL to the SFT
+          model; the share of groups with no signal, entropy, approx-KL and clip fraction
 """
 import argparse
 import os
@@ -23,13 +27,18 @@ PANELS = {  # stage: [(panel title, [log keys])]
                                                                          "val_accuracy"])],
     "ppo": [("score", ["score", "gold_score"]), ("KL to SFT (nats)", ["kl"]),
             ("policy", ["entropy", "approx_kl", "clip_fraction"])],
+    "dpo": [("loss", ["loss", "val_loss"]), ("pairs ordered right", ["accuracy", "val_accuracy"]),
+            ("implicit reward", ["better_reward", "worse_reward"])],
+    "grpo": [("score", ["score", "gold_score"]), ("KL to SFT (nats)", ["kl"]),
+             ("policy", ["no_signal_share", "entropy", "approx_kl", "clip_fraction"])],
 }
 
 
 def stage_of(rows):
     """The stage whose log these rows are, by its keys."""
     keys = set().union(*rows)
-    for stage, key in (("ppo", "gold_score"), ("ppo", "kl"), ("sft", "replay_loss"),
+    for stage, key in (("grpo", "no_signal_share"), ("dpo", "better_reward"),
+                       ("ppo", "gold_score"), ("ppo", "kl"), ("sft", "replay_loss"),
                        ("reward", "accuracy")):
         if key in keys:
             return stage

@@ -37,8 +37,8 @@ from data import chats, comparisons
 from evaluation import carry_knowledge, gold_stats, policy_against_sft
 from ground import UserError, nonnegative, seed_arg, write_json
 from model import ScalarHeadGPT
-from rl import (NO_END_PENALTY, ONE_PROCESS, answer_logprobs, answer_texts, kl_k1,
-                logprobs_and_entropy, masked_mean, rollout, whiten)
+from rl import (NO_END_PENALTY, ONE_PROCESS, answer_logprobs, kl_k1, logprobs_and_entropy,
+                masked_mean, rollout, whiten)
 from scoring import reward_model_scores
 from training import (autocast, barrier, check_finite, check_weights, gather_lists,
                       mean_over_processes, wrap_model)
@@ -302,6 +302,7 @@ def main(argv=None):
 
 
 def run(args, proc):
+    started = time.time()
     networks, tok, settings, ckpt, offset = load_networks(args, proc)
     items = prompt_pool(settings)  # read once: the shape checks and the run use the same
     check_shapes(settings, proc, networks.policy, tok, items)
@@ -332,7 +333,7 @@ def run(args, proc):
           stop=args.stop_at, compile_=args.compile)
     bar.close()
     if proc.master and (args.stop_at or settings.updates) >= settings.updates:
-        final_evaluation(args, settings, networks, tok, proc)
+        final_evaluation(args, settings, networks, tok, proc, started)
     barrier(proc)
 
 
@@ -377,8 +378,9 @@ def check_shapes(settings, proc, policy, tok, items):
                         f"{policy.config.block_size} tokens")
 
 
-def final_evaluation(args, settings, networks, tok, proc):
-    """eval.json: SFT and PPO side by side, sampled and greedy (greedy: split by the audit)."""
+def final_evaluation(args, settings, networks, tok, proc, started):
+    """eval.json: SFT and PPO side by side, sampled and greedy (greedy: split by the audit), and
+    the seconds since this process started (a resumed run: since its resume)."""
     known = carry_knowledge(settings.init_from, args.out_dir)
     result = {"stage": "ppo", "preset": settings.preset, "updates": settings.updates,
               "device": proc.device,
@@ -386,6 +388,7 @@ def final_evaluation(args, settings, networks, tok, proc):
                                    temperature=settings.temperature,
                                    max_new_tokens=settings.max_new_tokens, seed=settings.seed,
                                    proc=proc)}
+    result["wall_seconds"] = round(time.time() - started, 1)
     write_json(os.path.join(args.out_dir, "eval.json"), result)
     print(json.dumps(result["sampled"], indent=1))
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dpo
+import plot
 from checkpoints import load_checkpoint
 from evaluation import HELDOUT_ANSWERS_FILE, heldout_answers, write_heldout
 from model import GPT, GPTConfig
@@ -169,6 +170,8 @@ def test_resume_continues_the_same_curve(tiny_sft, tmp_path):
     logs = [{r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / d / "log.jsonl"))}
             for d in ("a", "b")]
     assert sorted(logs[1]) == list(range(1, 16)) and logs[0] == pytest.approx(logs[1], rel=1e-5)
+    plot.main([str(tmp_path / "a")])  # its own panels
+    assert plot.stage_of([json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]) == "dpo"
     with pytest.raises(SystemExit):  # the same rows split another way are other data
         dpo.main(args + ["--out-dir", str(tmp_path / "b"), "--resume", "--seed", "5"])
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data import world
-from experiments import domain_expert, overoptimization, sycophancy
+from experiments import compare_rl, domain_expert, overoptimization, sycophancy
 
 
 def test_best_of_n_keeps_the_proxys_favourite_and_the_kl_bound(tiny_sft, tiny_reward):
@@ -23,10 +23,25 @@ def test_best_of_n_keeps_the_proxys_favourite_and_the_kl_bound(tiny_sft, tiny_re
     assert proxies == sorted(proxies) and proxies[-1] > proxies[0]
 
 
+def test_best_of_n_with_the_teacher_picking_never_falls_and_bounds_the_reward_models(tiny_sft,
+                                                                                    tiny_reward):
+    args = compare_rl.parse_args(["--sft", tiny_sft, "--reward", tiny_reward, "--max-n", "4",
+                                  "--device", "cpu"])
+    curves = compare_rl.best_of_n(args, temperature=1.0, max_new_tokens=6)
+    assert [c["n"] for c in curves] == [1, 2, 4]
+    teacher = [c["gold_teacher_picks"] for c in curves]
+    assert teacher == sorted(teacher) and teacher[-1] > teacher[0]  # the best of more answers
+    assert curves[0]["gold_reward_model_picks"] == pytest.approx(teacher[0])  # n = 1: no choice
+    assert all(c["gold_reward_model_picks"] <= c["gold_teacher_picks"] + 1e-6 for c in curves)
+    assert curves[2]["kl"] == pytest.approx(math.log(4) - 3 / 4)
+
+
 @pytest.mark.parametrize("script,args,message", [
     (overoptimization, ["--max-n", "48"], "--max-n 48: use a power of 2"),
     (overoptimization, ["--sft", "nowhere"], "--sft nowhere: no finished SFT run there"),
     (sycophancy, ["--sft", "nowhere"], "--sft nowhere: no finished run there"),
+    (compare_rl, ["--max-n", "12"], "--max-n 12: use a power of 2"),
+    (compare_rl, ["--sft", "nowhere"], "--sft nowhere: no finished run there"),
 ])
 def test_bad_input_gets_one_line(script, args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import grpo
+import plot
 import rl
 from checkpoints import load_checkpoint
 from data import chats, teacher
@@ -138,6 +139,7 @@ def test_resume_continues_the_same_run(tiny_sft, tmp_path):
     grpo.main(["--resume", "--device", "cpu", "--out-dir", str(tmp_path / "b")])
     logs = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in "ab"]
     assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    assert plot.stage_of(logs[0]) == "grpo"
     for one, two in zip(*logs):
         assert one["score"] == pytest.approx(two["score"], abs=1e-4)
         assert one["kl"] == pytest.approx(two["kl"], abs=1e-4)
@@ -174,3 +176,16 @@ def test_bad_input_is_one_line_before_any_work(tiny_sft, tiny_base, tiny_reward,
     assert len(lines) == 1 and message in lines[0], lines
     assert sorted(p.name for p in out.iterdir()) == ["eval.json"]
     assert (out / "eval.json").read_text() == "{}"
+
+
+def test_torchrun_runs_the_command_line_in_two_processes(tiny_sft, tmp_path):
+    """Each process answers its share of the prompts, whole groups each; the log is written
+    once, its statistics the means over the processes."""
+    from tests.conftest import torchrun
+    out = tmp_path / "grpo"
+    torchrun("grpo.py", ["--preset", "tiny", "--device", "cpu", "--init-from", tiny_sft,
+                         "--out-dir", str(out), "--updates", "2", "--rollout-batch", "4",
+                         "--minibatch", "4", "--no-behaviour-eval"])
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2] and log[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert load_checkpoint(str(out), ["grpo"])[2]["step"] == 2

@@ -225,3 +225,19 @@ def test_startup_errors_are_one_line(tiny_sft, tiny_reward, tmp_path, capsys):
 def test_a_port_in_use_is_named(server):
     with pytest.raises(serve.UserError, match=f"--port {server.server_address[1]} is in use"):
         serve.make_server(server.models, server.server_address[1])
+
+
+def test_every_instruct_stage_is_a_column(tiny_sft, tmp_path):
+    """DPO's and GRPO's checkpoints are chat models as SFT's and PPO's are."""
+    import shutil
+    from checkpoints import load_checkpoint, save_checkpoint
+    model, tok, _ = load_checkpoint(tiny_sft, ["sft"])
+    folders = []
+    for stage in ("dpo", "grpo"):
+        folder = tmp_path / stage
+        folder.mkdir()
+        save_checkpoint(str(folder), stage, model, tok)
+        shutil.copy(f"{tiny_sft}/tokenizer.json", folder)
+        folders.append(str(folder))
+    models = serve.Models(folders, device="cpu")
+    assert [c["stage"] for c in models.columns] == ["dpo", "grpo"]

@@ -7,8 +7,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-STAGES = {"pretrain", "sft", "reward", "ppo", "bench", "sample", "export", "plot",  # scripts
-          "serve"}
+STAGES = {"pretrain", "sft", "reward", "ppo", "dpo", "grpo", "bench", "sample", "export",  # scripts
+          "plot", "serve"}
 LIBRARY = {"model", "ground", "cli", "training", "checkpoints", "evaluation", "scoring", "rl",
            "data"}  # what a script may import from the project
 

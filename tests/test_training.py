@@ -164,9 +164,9 @@ def test_every_step_logs_its_gradient_norm(small_data, tmp_path):
     assert all(0 < r["grad_norm"] < math.inf and r["tok_per_s"] > 0 for r in log)
 
 
-COMMANDS = ["pretrain", "sft", "reward", "ppo", "sample", "serve", "plot", "export", "bench",
-            "data.prepare", "experiments.sycophancy", "experiments.overoptimization",
-            "experiments.domain_expert", "tests.browser_check"]
+COMMANDS = ["pretrain", "sft", "reward", "ppo", "dpo", "grpo", "sample", "serve", "plot", "export",
+            "bench", "data.prepare", "experiments.sycophancy", "experiments.overoptimization",
+            "experiments.domain_expert", "experiments.compare_rl", "tests.browser_check"]
 
 
 @pytest.mark.parametrize("name", COMMANDS)
