@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="out/experiments/compare_rl")
     p.add_argument("--max-n", type=positive(int), default=16,
                    help="largest n of best-of-n (a power of 2)")
+    p.add_argument("--seed", type=int, help="for every stage script (default: each one's own)")
     p.add_argument("--preset", default="auto", help="for the stage scripts (tiny: a smoke test)")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
@@ -84,6 +85,8 @@ def run(args):
 def train_all(args):
     """Each road's run folder, trained here unless it is there."""
     common = ["--init-from", args.sft, "--preset", args.preset]
+    if args.seed is not None:
+        common += ["--seed", str(args.seed)]
     folders = {name: os.path.join(args.out_dir, name) for name in METHODS}
     if args.ppo:
         folders["ppo"] = args.ppo
