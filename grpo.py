@@ -107,7 +107,7 @@ def train(networks, tok, settings, items, score_fn, proc=ONE_PROCESS, log=print,
     save(step, optim): every settings.save_every updates and at the end. Returns the log lines."""
     torch.manual_seed(settings.seed)
     learner = wrap_model(networks.policy, compile_, proc, networks.policy.config.block_size)
-    optim = make_optimizer(networks.policy, settings.lr, 0.0, proc)
+    optim = make_optimizer(networks.policy, settings.lr, 0.0, proc)  # AdamW, no weight decay
     start = 0
     if ckpt is not None:  # the optimizer's moments go on as they were
         optim[0].load_state_dict(ckpt["optimizer"])
