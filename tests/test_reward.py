@@ -11,6 +11,7 @@ import reward
 from checkpoints import load_checkpoint, save_checkpoint
 from data import chats, teacher
 from data.comparisons import human_rankings, pairs_of, read_comparisons
+from evaluation import HELDOUT_ANSWERS_FILE, evaluate_reward_model, read_heldout
 from model import GPTConfig, LikelihoodRewardGPT, ScalarHeadGPT
 from scoring import answer_ids, reward_scores, right_padded
 
@@ -152,6 +153,10 @@ def test_cli_contract_tiny_preset_end_to_end(tiny_sft, tmp_path):
             for t, e in zip(r["responses"], r["ended"])]
     scores = reward_scores(model, seqs, tok.pad_id, "cpu", ckpt["score_offset"])
     assert abs(sum(scores) / len(scores)) < 1e-4
+    # the held-out answers it was scored on are saved, and score the same again (dpo.py's)
+    again = evaluate_reward_model(model, tok, read_heldout(str(out / HELDOUT_ANSWERS_FILE)), "cpu",
+                                  ckpt["score_offset"])
+    assert (again["answers"], again["accuracy"]) == (held["answers"], held["accuracy"])
 
 
 
