@@ -44,7 +44,7 @@ from data import chats, comparisons, teacher
 from evaluation import carry_knowledge, gold_stats, policy_against_sft
 from ground import UserError, nonnegative, seed_arg, write_json
 from rl import (NO_END_PENALTY, ONE_PROCESS, answer_logprobs, answer_texts, kl_k1, kl_k3,
-                logprobs_and_entropy, masked_mean, rollout)
+                logprobs_and_entropy, masked_mean, minibatches, rollout)
 from scoring import reward_model_scores
 from training import (autocast, barrier, check_finite, check_weights, gather_lists,
                       make_optimizer, mean_over_processes, optimizer_step, wrap_model)
@@ -194,29 +194,22 @@ def learn(learner, optim, batch, rollout_values, settings, step, lr, proc, rng):
     opt, scaler = optim
     totals = {}
     steps = 0
-    rows_per_step = settings.minibatch // proc.world_size
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(batch["ids"]), generator=rng).tolist()
-        for i in range(0, len(order), rows_per_step):
-            rows = order[i:i + rows_per_step]
-            part = {"ids": batch["ids"][rows], "pad": batch["pad"][rows],
-                    "mask": batch["mask"][rows], "prompt_len": batch["prompt_len"]}
-            old = {name: tensor[rows] for name, tensor in rollout_values.items()}
-            with autocast(proc.device, proc.dtype):
-                logprobs, entropy = logprobs_and_entropy(learner, part, settings.temperature)
-            loss, stats = grpo_loss(
-                new_logprobs=logprobs, old_logprobs=old["logprobs"],
-                ref_logprobs=old["ref_logprobs"], advantages=old["advantages"],
-                mask=part["mask"], clip_ratio=settings.clip_ratio, kl_coef=settings.kl_coef)
-            mean_loss = mean_over_processes(loss.detach().clone(), proc)  # in place: a copy
-            check_finite(step + 1, policy_loss=mean_loss.item())
-            scaler.scale(loss).backward()
-            stats.update(policy_loss=loss.item(),
-                         entropy=masked_mean(entropy, part["mask"]).item(),
-                         grad_norm=optimizer_step(opt, scaler, learner, lr, settings.grad_clip))
-            for name, value in stats.items():
-                totals[name] = totals.get(name, 0.0) + value
-            steps += 1
+    for part, old in minibatches(batch, rollout_values, epochs=settings.epochs,
+                                 size=settings.minibatch // proc.world_size, rng=rng):
+        with autocast(proc.device, proc.dtype):
+            logprobs, entropy = logprobs_and_entropy(learner, part, settings.temperature)
+        loss, stats = grpo_loss(
+            new_logprobs=logprobs, old_logprobs=old["logprobs"],
+            ref_logprobs=old["ref_logprobs"], advantages=old["advantages"],
+            mask=part["mask"], clip_ratio=settings.clip_ratio, kl_coef=settings.kl_coef)
+        mean_loss = mean_over_processes(loss.detach().clone(), proc)  # in place: a copy
+        check_finite(step + 1, policy_loss=mean_loss.item())
+        scaler.scale(loss).backward()
+        stats.update(policy_loss=loss.item(), entropy=masked_mean(entropy, part["mask"]).item(),
+                     grad_norm=optimizer_step(opt, scaler, learner, lr, settings.grad_clip))
+        for name, value in stats.items():
+            totals[name] = totals.get(name, 0.0) + value
+        steps += 1
     return {name: total / steps for name, total in totals.items()}
 
 

@@ -38,7 +38,7 @@ from evaluation import carry_knowledge, gold_stats, policy_against_sft
 from ground import UserError, nonnegative, seed_arg, write_json
 from model import ScalarHeadGPT
 from rl import (NO_END_PENALTY, ONE_PROCESS, answer_logprobs, kl_k1, logprobs_and_entropy,
-                masked_mean, rollout, whiten)
+                masked_mean, minibatches, rollout, whiten)
 from scoring import reward_model_scores
 from training import (autocast, barrier, check_finite, check_weights, gather_lists,
                       mean_over_processes, wrap_model)
@@ -207,29 +207,23 @@ def learn(learners, optim, batch, rollout_values, settings, step, proc, rng):
     policy, critic = learners
     totals = {}
     steps = 0
-    rows_per_step = settings.minibatch // proc.world_size
-    for _ in range(settings.ppo_epochs):
-        order = torch.randperm(len(batch["ids"]), generator=rng).tolist()
-        for i in range(0, len(order), rows_per_step):
-            rows = order[i:i + rows_per_step]
-            part = {"ids": batch["ids"][rows], "pad": batch["pad"][rows],
-                    "mask": batch["mask"][rows], "prompt_len": batch["prompt_len"]}
-            old = {name: tensor[rows] for name, tensor in rollout_values.items()}
-            with autocast(proc.device, proc.dtype):
-                logprobs, entropy = logprobs_and_entropy(policy, part, settings.temperature)
-                values = answer_values(critic, part).float()
-            policy_loss, value_loss, stats = ppo_losses(
-                logprobs, old["logprobs"], old["advantages"], values, old["values"],
-                old["returns"], part["mask"], settings)
-            losses = mean_over_processes(torch.stack([policy_loss, value_loss]).detach(), proc)
-            check_finite(step + 1, policy_loss=losses[0].item(), value_loss=losses[1].item())
-            loss = policy_loss + settings.value_coef * value_loss
-            stats.update(policy_loss=policy_loss.item(), value_loss=value_loss.item(),
-                         entropy=masked_mean(entropy, part["mask"]).item(),
-                         **optimizer_steps(learners, optim, loss, settings.grad_clip))
-            for name, value in stats.items():
-                totals[name] = totals.get(name, 0.0) + value
-            steps += 1
+    for part, old in minibatches(batch, rollout_values, epochs=settings.ppo_epochs,
+                                 size=settings.minibatch // proc.world_size, rng=rng):
+        with autocast(proc.device, proc.dtype):
+            logprobs, entropy = logprobs_and_entropy(policy, part, settings.temperature)
+            values = answer_values(critic, part).float()
+        policy_loss, value_loss, stats = ppo_losses(
+            logprobs, old["logprobs"], old["advantages"], values, old["values"],
+            old["returns"], part["mask"], settings)
+        losses = mean_over_processes(torch.stack([policy_loss, value_loss]).detach(), proc)
+        check_finite(step + 1, policy_loss=losses[0].item(), value_loss=losses[1].item())
+        loss = policy_loss + settings.value_coef * value_loss
+        stats.update(policy_loss=policy_loss.item(), value_loss=value_loss.item(),
+                     entropy=masked_mean(entropy, part["mask"]).item(),
+                     **optimizer_steps(learners, optim, loss, settings.grad_clip))
+        for name, value in stats.items():
+            totals[name] = totals.get(name, 0.0) + value
+        steps += 1
     return {name: total / steps for name, total in totals.items()}
 
 

@@ -1,12 +1,13 @@
 """The building blocks that moving a policy with its own answers needs, whatever the method.
 
-PPO (ppo.py) uses all of them but kl_k3; the same pieces serve any method that samples
-answers from a policy and compares its log-probs with a frozen reference's:
+PPO (ppo.py) uses all of them but kl_k3, GRPO (grpo.py) all but whiten; they serve any method
+that samples answers from a policy and compares its log-probs with a frozen reference's:
 
 - rollout: one answer per prompt, sampled with the KV cache, as a batch of tensors;
 - answer_logprobs, logprobs_and_entropy: log pi(answer token | prompt, answer so far), without
   and with gradients (the reference's through the same function);
 - answer_texts: the answers as text, for the reward model or the teacher;
+- minibatches: passes over a rollout in shuffled minibatches, for the learning step;
 - kl_k1, kl_k3: per-token estimators of KL(policy || reference) from the sampled tokens;
 - masked_mean, whiten: statistics over the real answer tokens only, never the padding.
 
@@ -49,6 +50,19 @@ def rollout(policy, tok, items, *, max_new_tokens, temperature, seed, proc=ONE_P
     ended = ((answers == end) & ~after_stop).any(1)
     return {"ids": torch.cat([left, answers], 1), "pad": pad, "mask": mask, "ended": ended,
             "prompt_len": prompt_len}
+
+
+def minibatches(batch, rollout_values, *, epochs, size, rng):
+    """`epochs` passes over a rollout in shuffled minibatches of `size` answers, each pass in a
+    fresh order drawn from `rng`: yields (part, old), the batch's rows (ids, pad, mask,
+    prompt_len) and the same rows of each rollout_values tensor (its first dimension B)."""
+    for _ in range(epochs):
+        order = torch.randperm(len(batch["ids"]), generator=rng).tolist()
+        for i in range(0, len(order), size):
+            rows = order[i:i + size]
+            part = {"ids": batch["ids"][rows], "pad": batch["pad"][rows],
+                    "mask": batch["mask"][rows], "prompt_len": batch["prompt_len"]}
+            yield part, {name: tensor[rows] for name, tensor in rollout_values.items()}
 
 
 def answer_logprobs(model, batch, temperature):
