@@ -44,7 +44,8 @@ from checkpoints import (INSTRUCT_STAGES, MetricsLog, load_checkpoint, prepare_o
 from cli import launch, parse_stage_args, setting, start_or_resume
 from data.comparisons import read_comparisons, rows_checksum
 from evaluation import (HELDOUT_ANSWERS_FILE, carry_knowledge, check_chat_eval_fits,
-                        evaluate_reward_model, heldout_answers, policy_against_sft, read_heldout)
+                        evaluate_reward_model, heldout_answers, policy_against_sft, read_heldout,
+                        sampled_heldout)
 from ground import UserError, nonnegative, seed_arg, write_json
 from model import LikelihoodRewardGPT
 from scoring import encode_comparisons, pair_indices, right_padded
@@ -80,12 +81,17 @@ class Settings:
                                   f"also at least every {SAVE_EVERY_SECONDS} s)")
     temperature: float = setting(0.7, "the sampled evaluation's temperature (PPO's)")
     max_new_tokens: int = setting(32, "the sampled evaluation's longest answer (PPO's)")
+    curve_every: int = setting(3, "at each validation, sample every curve_every-th held-out "
+                                  "prompt for the gold score vs KL curve (3: 188 of 564, every "
+                                  "behaviour and claim alike; a multiple of 4: one behaviour; "
+                                  "0: no curve)", nonnegative(int))
     seed: int = setting(1337, "the order of the comparisons, the sampled evaluation", seed_arg)
     preset: str = "cpu"  # the preset these settings started from (recorded, not a flag)
 
 
 PRESETS = {
-    "tiny": dict(batch_size=16, micro_batch=16, eval_every=5, lr=1e-4, max_new_tokens=16),
+    "tiny": dict(batch_size=16, micro_batch=16, eval_every=5, lr=1e-4, max_new_tokens=16,
+                 curve_every=9),
     "cpu": dict(),  # the defaults above
     "gpu": dict(batch_size=64, micro_batch=64, eval_every=20, max_new_tokens=48),
 }
@@ -164,10 +170,11 @@ def reference_logprobs(reference, examples, *, pad_id, answer_start_id, proc, ba
 
 
 # ----------------------------------------------------------------------------- 3. learn
-def train(args, settings, policy, tok, data, proc, ckpt, steps, state):
+def train(args, settings, networks, tok, data, proc, ckpt, steps, state):
     """DPO's loop: a batch of prompts with all their pairs, the loss, one optimizer step;
-    validation accuracy and a checkpoint now and then. data: {"train", "val"}: (examples,
-    reference log-probs). Returns the steps done."""
+    validation and a checkpoint now and then. networks: (policy, reference); data: {"train",
+    "val"}: (examples, reference log-probs). Returns the steps done."""
+    policy = networks[0]
     examples, references = data["train"]
     micro_batch = settings.micro_batch
     accum = settings.batch_size // (micro_batch * proc.world_size)
@@ -211,11 +218,10 @@ def train(args, settings, policy, tok, data, proc, ckpt, steps, state):
                         lr=opt.param_groups[0]["lr"], grad_norm=round(grad_norm, 4),
                         **throughput(tokens, time.time() - started, policy.flops_per_token(), proc))
             if step % settings.eval_every == 0 or step == stop:
-                last_val, val_accuracy = validate(policy, data["val"], loss_args, micro_batch,
-                                                  proc)
+                last_val, figures = validation(networks, tok, data["val"], settings, loss_args,
+                                               proc)
                 check_finite(step, validation_loss=last_val)
-                line.update(val_loss=last_val and round(last_val, 4),
-                            val_accuracy=val_accuracy and round(val_accuracy, 4))
+                line.update(figures)
             log.write(**line)  # before the checkpoint: a resume never lacks a logged step
             if clock.due("val_loss" in line):
                 check_weights(policy, probe, step)
@@ -228,6 +234,23 @@ def train(args, settings, policy, tok, data, proc, ckpt, steps, state):
             bar.set_postfix({k: line[k] for k in ("loss", "accuracy", "val_accuracy")
                              if line.get(k) is not None})
     return step
+
+
+def validation(networks, tok, data, settings, loss_args, proc):
+    """(validation loss, the figures to log): the held-out comparisons' loss and accuracy; and,
+    for the curve of gold score against KL over training (experiments/compare_rl.py), every
+    curve_every-th held-out prompt sampled as PPO's evaluation samples (the master only)."""
+    policy, reference = networks
+    val_loss, val_accuracy = validate(policy, data, loss_args, settings.micro_batch, proc)
+    figures = dict(val_loss=val_loss and round(val_loss, 4),
+                   val_accuracy=val_accuracy and round(val_accuracy, 4))
+    if settings.curve_every and proc.master:
+        sampled = sampled_heldout(policy, reference, tok, temperature=settings.temperature,
+                                  max_new_tokens=settings.max_new_tokens, seed=settings.seed,
+                                  every=settings.curve_every, proc=proc)
+        figures.update(sampled_gold_score=round(sampled["gold_score"], 4),
+                       sampled_kl_to_sft=round(sampled["kl_to_sft"], 4))
+    return val_loss, figures
 
 
 @torch.no_grad()
@@ -349,7 +372,7 @@ def run(args, proc):
               f"{counts['pairs']} pairs, {counts['ties']} ties (no pair); {settings.epochs} "
               f"epoch(s) = {steps} steps of {settings.batch_size} prompts, {proc.device}",
               file=sys.stderr)
-    step = train(args, settings, policy, tok, data, proc, ckpt, steps, state)
+    step = train(args, settings, (policy, reference), tok, data, proc, ckpt, steps, state)
     if proc.master and step >= steps:
         summary = {"comparisons": len(rows), "val_prompts": len(val_set), "steps": step,
                    **{f"train_{k}": v for k, v in counts.items()}}

@@ -343,11 +343,12 @@ def policy_against_sft(name, policy, reference, tok, known, *, temperature, max_
 
 
 @torch.no_grad()
-def sampled_heldout(model, reference, tok, *, temperature, max_new_tokens, seed, proc=ONE_PROCESS):
+def sampled_heldout(model, reference, tok, *, temperature, max_new_tokens, seed, every=1,
+                    proc=ONE_PROCESS):
     """The model's sampled answers (as a policy stage samples) to the held-out questions and
-    claims: gold_stats, end-of-turn rate, length, and KL(model || SFT), summed over answer
-    tokens."""
-    items = chats.eval_prompts("heldout") + chats.claim_prompts("heldout")
+    claims (every `every`-th of them): gold_stats, end-of-turn rate, length, and
+    KL(model || SFT), summed over answer tokens."""
+    items = (chats.eval_prompts("heldout") + chats.claim_prompts("heldout"))[::every]
     model.eval()
     batch = rollout(model, tok, items, max_new_tokens=max_new_tokens, temperature=temperature,
                     seed=seed, proc=proc)

@@ -11,14 +11,16 @@ when its eval.json exists, resumed after an interruption):
   grpo_teacher   grpo.py with the teacher's rubric as the reward: a verifier, no learned model
   grpo_reward    grpo.py with the reward model as the reward
 PPO and GRPO sample the same number of answers (the presets: 40 updates of 64; GRPO's are 8
-prompts x 8 answers, so it sees an eighth of PPO's prompts, each 8 times).
+prompts x 8 answers, so it sees an eighth of PPO's prompts, each 8 times). As many prompts as
+PPO saw is 8 times the samples: `grpo.py --rollout-batch 64` (README measures it once).
 
 Then best-of-n as a reference: n answers of the SFT model to each held-out prompt, the one the
 teacher (or the reward model) likes best, its KL to SFT log n - (n - 1) / n (Stiennon et al.
 2020). Writes summary.json, table.md (a row a model: greedy held-out accuracy and the known
 facts stated, sampled gold score and KL to SFT, agreement with wrong claims, each rule's
 adherence, invented facts out of scope, end of turn, wall time) and compare_rl.png (the sampled
-gold score against sqrt(KL) on the held-out prompts: each model a point, best-of-n a curve).
+gold score against sqrt(KL) on the held-out prompts: each model a point, best-of-n a curve; and
+the same over training: PPO's and GRPO's rollouts, DPO's samples at each validation).
 """
 import argparse
 import json
@@ -36,6 +38,8 @@ from scoring import RewardScorer
 from training import pick_device
 
 METHODS = ("ppo", "dpo", "grpo_teacher", "grpo_reward")
+COLORS = {"SFT": "black", "ppo": "tab:blue", "dpo": "tab:orange", "grpo_teacher": "tab:green",
+          "grpo_reward": "tab:red"}  # one colour a model in both panels
 
 
 def parse_args(argv=None):
@@ -158,11 +162,17 @@ def best_of_n(args, temperature, max_new_tokens):
 
 def training_curves(folders, window=5):
     """{run: [(sqrt KL, gold score)]}: each update's rollouts of PPO and GRPO (their own training
-    prompts), running means over `window` updates. DPO samples nothing while it learns."""
+    prompts), running means over `window` updates; DPO, which samples nothing to learn, from a
+    third of the held-out prompts sampled at each validation (dpo.py's curve_every)."""
     curves = {}
-    for name in ("ppo", "grpo_teacher", "grpo_reward"):
+    for name in METHODS:
         with open(os.path.join(folders[name], "log.jsonl")) as f:
             lines = [json.loads(line) for line in f]
+        if name == "dpo":
+            curves[name] = [(math.sqrt(max(line["sampled_kl_to_sft"], 0.0)),
+                             line["sampled_gold_score"])
+                            for line in lines if "sampled_gold_score" in line]
+            continue
         points = []
         for i in range(len(lines)):
             recent = lines[max(0, i - window + 1):i + 1]
@@ -201,12 +211,13 @@ def plot(rows, curves, training, path):
     import matplotlib.pyplot as plt
     fig, (ax, during) = plt.subplots(1, 2, figsize=(12, 4.4))
     root_kl = [math.sqrt(c["kl"]) for c in curves]
-    for key, label in (("gold_teacher_picks", "best-of-n, the teacher picks"),
-                       ("gold_reward_model_picks", "best-of-n, the reward model picks")):
-        ax.plot(root_kl, [c[key] for c in curves], marker=".", label=label)
+    for key, label, style in (("gold_teacher_picks", "best-of-n, the teacher picks", "-"),
+                              ("gold_reward_model_picks", "best-of-n, the reward model picks",
+                               "--")):
+        ax.plot(root_kl, [c[key] for c in curves], style, color="gray", marker=".", label=label)
     for name, row in rows.items():
         ax.scatter(math.sqrt(max(row["kl_to_sft"], 0.0)), row["sampled_gold_score"], s=40,
-                   zorder=3)
+                   zorder=3, color=COLORS.get(name))
         ax.annotate(name, (math.sqrt(max(row["kl_to_sft"], 0.0)), row["sampled_gold_score"]),
                     textcoords="offset points", xytext=(5, 3), fontsize=8)
     ax.set_xlabel("sqrt(KL to SFT), nats^0.5")
@@ -214,9 +225,13 @@ def plot(rows, curves, training, path):
     ax.set_title("held-out prompts, sampled: the end of each run", fontsize=10)
     ax.legend(fontsize=8)
     for name, points in training.items():
-        during.plot([x for x, _ in points], [y for _, y in points], label=name)
+        during.plot([x for x, _ in points], [y for _, y in points], label=name,
+                    marker="o" if name == "dpo" else None, markersize=4, color=COLORS[name])
     during.set_xlabel("sqrt(KL to SFT), nats^0.5")
-    during.set_title("over training: each update's rollouts (means over 5)", fontsize=10)
+    during.set_ylabel("gold score (the teacher's)")
+    during.set_title("over training: PPO, GRPO: each update's rollouts (training prompts, "
+                     "means over 5);\nDPO: a third of the held-out prompts at each validation",
+                     fontsize=9)
     during.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -195,8 +195,26 @@ def test_cli_contract_tiny_preset_end_to_end(tiny_sft, tiny_reward, tmp_path):
     assert ev["reward_model_heldout"] == {"accuracy": 0.625}
     assert {"sft", "dpo"} <= ev["sampled"].keys() and ev["sampled"]["sft"]["kl_to_sft"] == 0
     assert ev["dpo"]["heldout"]["accuracy"] >= 0 and "heldout_claims" in ev["sft"]
+    lines = [json.loads(line) for line in open(out / "log.jsonl")]
+    curve = [line for line in lines if "sampled_gold_score" in line]  # at each validation
+    validations = [line["step"] for line in lines if "val_loss" in line]
+    assert [line["step"] for line in curve] == validations
+    assert curve and all(0 <= line["sampled_gold_score"] <= 1 for line in curve)
     policy, _, ckpt = load_checkpoint(str(out), ["dpo"])
     assert ckpt["step"] == ev["steps"] and policy.base_id == model.base_id
+
+
+def test_the_curves_prompts_are_every_behaviour_and_claim():
+    """The held-out prompts cycle through the behaviours: a stride that is a multiple of their
+    number would sample one behaviour only."""
+    from data import chats
+    items = chats.eval_prompts("heldout") + chats.claim_prompts("heldout")
+    for preset in ("cpu", "tiny"):
+        every = dpo.PRESETS[preset].get("curve_every", dpo.Settings().curve_every)
+        curve = items[::every]
+        assert {it["behaviour"] for it in curve} == {it["behaviour"] for it in items}, preset
+        claims = [it["claim"] == it["gold"] for it in curve if it["claim"] is not None]
+        assert 0.4 < sum(claims) / len(claims) < 0.6, preset
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -36,6 +36,28 @@ def test_best_of_n_with_the_teacher_picking_never_falls_and_bounds_the_reward_mo
     assert curves[2]["kl"] == pytest.approx(math.log(4) - 3 / 4)
 
 
+def test_training_curves_are_running_means_and_dpos_validations(tmp_path):
+    """PPO and GRPO: each update's rollout figures, means over the last `window` updates; DPO:
+    only its validation lines, where it sampled the held-out prompts."""
+    folders = {}
+    for name in compare_rl.METHODS:
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        if name == "dpo":
+            lines = [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6, "val_loss": 0.6,
+                                                "sampled_gold_score": 0.5,
+                                                "sampled_kl_to_sft": 0.25}]
+        else:
+            lines = [{"step": step, "kl": kl, "gold_score": gold}
+                     for step, (kl, gold) in enumerate([(0.0, 0.2), (1.0, 0.4), (4.0, 0.9)], 1)]
+        (folders[name] / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    curves = compare_rl.training_curves(folders, window=2)
+    assert curves["dpo"] == [(0.5, 0.5)]
+    expected = [(0.0, 0.2), (math.sqrt(0.5), 0.3), (math.sqrt(2.5), 0.65)]
+    for name in ("ppo", "grpo_teacher", "grpo_reward"):
+        assert curves[name] == [pytest.approx(point) for point in expected]
+
+
 @pytest.mark.parametrize("script,args,message", [
     (overoptimization, ["--max-n", "48"], "--max-n 48: use a power of 2"),
     (overoptimization, ["--sft", "nowhere"], "--sft nowhere: no finished SFT run there"),
