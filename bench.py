@@ -6,6 +6,9 @@
 
 - tokenizer: BPE training time for vocab 4096 on the full bundled corpus, and bytes per token
 - train: pretraining tokens/s (and MFU on a GPU) for the preset's model and batch shape
+- nanogpt: the same training step side by side with a reference GPT written the plain nanoGPT
+  way (LayerNorm, learned positions, one q/k/v projection, a GELU MLP, tied embeddings) of the
+  same width, depth and FLOPs per token, the two timed in turn in one process
 - generate: sampling tokens/s with the KV cache against recomputing the whole sequence each
   step, same model, same left-padded batch of prompts, 256 new tokens
 - reward: answers sampled per second (K = 3 per prompt, batched, KV cache) and comparisons
@@ -21,6 +24,8 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from cli import preset_for
 from ground import UserError, die, positive, stop_reason, writable_dir
@@ -65,17 +70,8 @@ def bench_tokenizer():
 
 def bench_train(cfg, micro_batch, device, dtype, compile_, steps):
     model = GPT(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
     x = torch.randint(cfg.vocab_size, (micro_batch, cfg.block_size + 1), device=device)
-    run = maybe_compile(model, compile_, x[:, :-1])
-
-    def step():
-        with autocast(device, dtype):
-            _, loss = run(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = training_step(maybe_compile(model, compile_, x[:, :-1]), x, device, dtype)
     for _ in range(3):  # warm-up (compilation, allocator, caches)
         step()
     sync(device)
@@ -91,6 +87,96 @@ def bench_train(cfg, micro_batch, device, dtype, compile_, steps):
     if peak:
         out["mfu"] = round(model.flops_per_token() * tps / peak, 4)
     return out
+
+
+class ReferenceBlock(nn.Module):
+    """nanoGPT's block (Karpathy, 2022): pre-LayerNorm, one projection to queries, keys and
+    values, causal attention, a GELU MLP. No biases, as the project's model."""
+
+    def __init__(self, n_embd, n_head, mlp_hidden):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1 = nn.LayerNorm(n_embd, bias=False)
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.attn_proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=False)
+        self.c_fc = nn.Linear(n_embd, mlp_hidden, bias=False)
+        self.mlp_proj = nn.Linear(mlp_hidden, n_embd, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class ReferenceGPT(nn.Module):
+    """A GPT written the plain nanoGPT way, as wide, deep and long as `cfg`, at the same FLOPs
+    per token as GPT(cfg): its MLP's two matrices hold as many weights as SwiGLU's three."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(ReferenceBlock(cfg.n_embd, cfg.n_head, 3 * cfg.ffn_hidden // 2)
+                                    for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as nanoGPT's
+        self.flops = 6 * (sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+                          ) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def bench_against_nanogpt(cfg, micro_batch, device, dtype, steps, rounds=5):
+    """Training steps of GPT(cfg) and ReferenceGPT(cfg), the same batch and optimizer, timed in
+    turn (`steps` of one, then `steps` of the other, `rounds` times) so that a machine that
+    slows down slows both: the median seconds a step of each, and the ratio of tokens/s."""
+    torch.manual_seed(0)
+    models = {"project": GPT(cfg).to(device), "nanogpt": ReferenceGPT(cfg).to(device)}
+    x = torch.randint(cfg.vocab_size, (micro_batch, cfg.block_size + 1), device=device)
+    steppers = {name: training_step(model, x, device, dtype) for name, model in models.items()}
+    for step in steppers.values():  # warm-up
+        step()
+    seconds = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, step in steppers.items():
+            sync(device)
+            t0 = time.time()
+            for _ in range(steps):
+                step()
+            sync(device)
+            seconds[name].append((time.time() - t0) / steps)
+    out = {"micro_batch": micro_batch, "block_size": cfg.block_size}
+    for name, model in models.items():
+        median = sorted(seconds[name])[rounds // 2]
+        flops = model.flops_per_token() if name == "project" else model.flops
+        out[name] = {"seconds_per_step": round(median, 4), "flops_per_token": flops,
+                     "tokens_per_s": round(micro_batch * cfg.block_size / median)}
+    out["speed_ratio"] = round(out["project"]["tokens_per_s"] / out["nanogpt"]["tokens_per_s"],
+                               3)
+    return out
+
+
+def training_step(model, x, device, dtype):
+    """One AdamW training step on batch x (inputs x[:, :-1], targets x[:, 1:]), as a function."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+
+    def step():
+        with autocast(device, dtype):
+            _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 @torch.no_grad()
@@ -154,7 +240,8 @@ def main(argv=None):
     p.add_argument("--preset", choices=["auto", *SHAPES], default="auto",
                    help="the model and micro-batch of this pretrain.py preset (auto: gpu on a "
                         "CUDA device, else cpu)")
-    p.add_argument("--only", choices=["tokenizer", "train", "generate", "reward", "gpt2"],
+    p.add_argument("--only", choices=["tokenizer", "train", "nanogpt", "generate", "reward",
+                                      "gpt2"],
                    action="append",
                    help="run only these parts (repeatable)")
     p.add_argument("--device", default="auto")
@@ -183,7 +270,7 @@ def run_benchmarks(args, device, dtype):
     shape = dict(SHAPES[preset])
     micro_batch = shape.pop("micro_batch")
     cfg = GPTConfig(vocab_size=4096, **shape)
-    parts = args.only or ["tokenizer", "train", "generate", "reward"] + (
+    parts = args.only or ["tokenizer", "train", "nanogpt", "generate", "reward"] + (
         ["gpt2"] if device == "cuda" else [])
     result = dict(date=time.strftime("%Y-%m-%d"), device=device, dtype=str(dtype).split(".")[-1],
                   device_name=(torch.cuda.get_device_name() if device.startswith("cuda")
@@ -196,6 +283,8 @@ def run_benchmarks(args, device, dtype):
             result[part] = bench_tokenizer()
         elif part == "train":
             result[part] = bench_train(cfg, micro_batch, device, dtype, args.compile, args.steps)
+        elif part == "nanogpt":
+            result[part] = bench_against_nanogpt(cfg, micro_batch, device, dtype, args.steps)
         elif part == "reward":
             result[part] = bench_reward(cfg, device, dtype)
         elif part == "generate":

@@ -141,8 +141,11 @@ def test_bench_writes_its_json(tmp_path):
     import sys
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--device", "cpu", "--only",
-                    "reward", "--only", "train", "--steps", "2", "--out", str(out)], cwd=ROOT,
-                   check=True, capture_output=True, timeout=300)
+                    "reward", "--only", "train", "--only", "nanogpt", "--steps", "2", "--out",
+                    str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     assert result["preset"] == "tiny" and result["train"]["tokens_per_s"] > 0
+    side_by_side = result["nanogpt"]  # equal FLOPs per token, or the ratio means nothing
+    assert side_by_side["project"]["flops_per_token"] == side_by_side["nanogpt"]["flops_per_token"]
+    assert side_by_side["speed_ratio"] > 0
     assert result["reward"]["answers_per_s"] > 0 and result["reward"]["comparisons_per_s"] > 0
