@@ -12,7 +12,7 @@ when its eval.json exists, resumed after an interruption):
   grpo_reward    grpo.py with the reward model as the reward
 PPO and GRPO sample the same number of answers (the presets: 40 updates of 64; GRPO's are 8
 prompts x 8 answers, so it sees an eighth of PPO's prompts, each 8 times). As many prompts as
-PPO saw is 8 times the samples: `grpo.py --rollout-batch 64` (README measures it once).
+PPO saw is 8 times the samples: --as-many-prompts (README measures it once).
 
 Then best-of-n as a reference: n answers of the SFT model to each held-out prompt, the one the
 teacher (or the reward model) likes best, its KL to SFT log n - (n - 1) / n (Stiennon et al.
@@ -50,6 +50,9 @@ def parse_args(argv=None):
                    "comparisons.jsonl (PPO's and GRPO's reward, DPO's pairs)")
     p.add_argument("--ppo", help="a finished PPO run from --sft and --reward to use (default: "
                    "trained here, so that every wall time is measured the same way)")
+    p.add_argument("--as-many-prompts", action="store_true",
+                   help="GRPO answers as many prompts as PPO did, 8 times each (8 times the "
+                        "samples and about 6 times the wall time); default: as many answers")
     p.add_argument("--out-dir", default="out/experiments/compare_rl")
     p.add_argument("--max-n", type=positive(int), default=16,
                    help="largest n of best-of-n (a power of 2)")
@@ -98,6 +101,9 @@ def train_all(args):
         run_stage("ppo.py", folders["ppo"], args.device, "--reward-model", args.reward, *common)
     run_stage("dpo.py", folders["dpo"], args.device, "--comparisons",
               os.path.join(args.reward, "comparisons.jsonl"), *common)
+    if args.as_many_prompts:  # PPO's prompts per update, as many updates
+        ppo = load_checkpoint(folders["ppo"], ["ppo"])[2]["config"]
+        common += ["--rollout-batch", str(ppo["rollout_batch"]), "--updates", str(ppo["updates"])]
     run_stage("grpo.py", folders["grpo_teacher"], args.device, *common)
     run_stage("grpo.py", folders["grpo_reward"], args.device, "--reward-model", args.reward,
               *common)

@@ -36,6 +36,23 @@ def test_best_of_n_with_the_teacher_picking_never_falls_and_bounds_the_reward_mo
     assert curves[2]["kl"] == pytest.approx(math.log(4) - 3 / 4)
 
 
+def test_as_many_prompts_gives_grpo_ppos_prompts_per_update(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(compare_rl, "run_stage", lambda script, out, device, *flags:
+                        calls.append((script, flags)))
+    monkeypatch.setattr(compare_rl, "load_checkpoint", lambda folder, stages: (
+        None, None, {"config": {"rollout_batch": 48, "updates": 30}}))
+    for many, expected in ((False, [None, None]), (True, ["48", "30"])):
+        calls.clear()
+        compare_rl.train_all(compare_rl.parse_args(["--out-dir", str(tmp_path)] + (
+            ["--as-many-prompts"] if many else [])))
+        assert [script for script, _ in calls] == ["ppo.py", "dpo.py", "grpo.py", "grpo.py"]
+        for script, flags in calls:
+            given = [flags[flags.index(f) + 1] if f in flags else None
+                     for f in ("--rollout-batch", "--updates")]
+            assert given == (expected if script == "grpo.py" else [None, None]), script
+
+
 def test_training_curves_are_running_means_and_dpos_validations(tmp_path):
     """PPO and GRPO: each update's rollout figures, means over the last `window` updates; DPO:
     only its validation lines, where it sampled the held-out prompts."""
