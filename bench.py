@@ -128,22 +128,26 @@ class ReferenceGPT(nn.Module):
         self.flops = 6 * (sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
                           ) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
-    def forward(self, idx, targets):
+    def forward(self, idx, targets=None):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits, None
         return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def bench_against_nanogpt(cfg, micro_batch, device, dtype, steps, rounds=5):
-    """Training steps of GPT(cfg) and ReferenceGPT(cfg), the same batch and optimizer, timed in
-    turn (`steps` of one, then `steps` of the other, `rounds` times) so that a machine that
-    slows down slows both: the median seconds a step of each, and the ratio of tokens/s."""
+def bench_against_nanogpt(cfg, micro_batch, device, dtype, compile_, steps, rounds=5):
+    """Training steps of GPT(cfg) and ReferenceGPT(cfg), the same batch and optimizer, both
+    compiled or neither, timed in turn (`steps` of one, then `steps` of the other, `rounds`
+    times) so that a machine that slows down slows both: the median seconds a step of each, and
+    the ratio of tokens/s."""
     torch.manual_seed(0)
     models = {"project": GPT(cfg).to(device), "nanogpt": ReferenceGPT(cfg).to(device)}
     x = torch.randint(cfg.vocab_size, (micro_batch, cfg.block_size + 1), device=device)
-    steppers = {name: training_step(model, x, device, dtype) for name, model in models.items()}
+    steppers = {name: training_step(maybe_compile(model, compile_, x[:, :-1]), x,
+                                    device, dtype) for name, model in models.items()}
     for step in steppers.values():  # warm-up
         step()
     seconds = {name: [] for name in models}
@@ -284,7 +288,8 @@ def run_benchmarks(args, device, dtype):
         elif part == "train":
             result[part] = bench_train(cfg, micro_batch, device, dtype, args.compile, args.steps)
         elif part == "nanogpt":
-            result[part] = bench_against_nanogpt(cfg, micro_batch, device, dtype, args.steps)
+            result[part] = bench_against_nanogpt(cfg, micro_batch, device, dtype, args.compile,
+                                                 args.steps)
         elif part == "reward":
             result[part] = bench_reward(cfg, device, dtype)
         elif part == "generate":
