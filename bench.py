@@ -114,7 +114,8 @@ class ReferenceBlock(nn.Module):
 
 class ReferenceGPT(nn.Module):
     """A GPT written the plain nanoGPT way, as wide, deep and long as `cfg`, at the same FLOPs
-    per token as GPT(cfg): its MLP's two matrices hold as many weights as SwiGLU's three."""
+    per token as GPT(cfg) (without grouped-query attention, as in every preset): its MLP's two
+    matrices hold as many weights as SwiGLU's three."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -125,8 +126,13 @@ class ReferenceGPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=False)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as nanoGPT's
-        self.flops = 6 * (sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
-                          ) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        self.config = cfg
+
+    def flops_per_token(self):
+        """As GPT.flops_per_token: 6 per weight that multiplies (not the positions' table)."""
+        c = self.config
+        weights = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
 
     def forward(self, idx, targets=None):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
@@ -162,8 +168,8 @@ def bench_against_nanogpt(cfg, micro_batch, device, dtype, compile_, steps, roun
     out = {"micro_batch": micro_batch, "block_size": cfg.block_size}
     for name, model in models.items():
         median = sorted(seconds[name])[rounds // 2]
-        flops = model.flops_per_token() if name == "project" else model.flops
-        out[name] = {"seconds_per_step": round(median, 4), "flops_per_token": flops,
+        out[name] = {"seconds_per_step": round(median, 4),
+                     "flops_per_token": model.flops_per_token(),
                      "tokens_per_s": round(micro_batch * cfg.block_size / median)}
     out["speed_ratio"] = round(out["project"]["tokens_per_s"] / out["nanogpt"]["tokens_per_s"],
                                3)
