@@ -326,7 +326,8 @@ def final_evaluation(args, settings, networks, tok, data, summary, proc, started
         result.update(policy_against_sft("dpo", policy, reference, tok, known,
                                          temperature=settings.temperature,
                                          max_new_tokens=settings.max_new_tokens,
-                                         seed=settings.seed, proc=proc))
+                                         seed=settings.seed, sft_dir=settings.init_from,
+                                         proc=proc))
     result["wall_seconds"] = round(time.time() - started, 1)
     write_json(os.path.join(args.out_dir, "eval.json"), result)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))

@@ -17,6 +17,7 @@
 - policy_against_sft: what every policy stage (ppo, dpo, grpo) reports, the policy beside the SFT
   model it started from: evaluate_instruct, and answers sampled as in training (gold score, KL).
 """
+import hashlib
 import itertools
 import json
 import os
@@ -330,16 +331,49 @@ def evaluate_instruct(model, tok, known=None):
             for name, items in instruct_eval_sets().items()}
 
 
+def weights_digest(model):
+    """sha256 over a model's parameter names, dtypes and bytes: which weights an eval.json judged
+    (sft.py writes it, so that the stages after SFT can tell its figures are the reference's)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def sft_greedy_figures(sft_dir, reference):
+    """evaluate_instruct's figures from the SFT run's own eval.json when it judged exactly these
+    weights (the greedy answers are a function of the weights alone), else None. Saves every
+    policy stage a minute of evaluating the same SFT model again."""
+    if sft_dir is None:
+        return None
+    folder = os.path.dirname(sft_dir) if os.path.isfile(sft_dir) else sft_dir  # ckpt.pt named
+    path = os.path.join(folder, "eval.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            judged = json.load(f)
+    except (OSError, ValueError):
+        return None  # no such file, or not one sft.py wrote: evaluate instead
+    names = instruct_eval_sets()
+    if (not isinstance(judged, dict) or judged.get("weights_sha256") != weights_digest(reference)
+            or any(name not in judged for name in names)):
+        return None
+    return {name: judged[name] for name in names}
+
+
 def policy_against_sft(name, policy, reference, tok, known, *, temperature, max_new_tokens, seed,
-                       proc=ONE_PROCESS):
+                       sft_dir=None, proc=ONE_PROCESS):
     """What every policy stage (ppo, dpo, grpo) reports against the SFT model it started from:
-    {"sampled": {"sft": ..., name: ...}, "sft": evaluate_instruct, name: evaluate_instruct}."""
+    {"sampled": {"sft": ..., name: ...}, "sft": evaluate_instruct, name: evaluate_instruct}.
+    sft_dir: the SFT run's folder, whose eval.json stands in for "sft" (sft_greedy_figures)."""
     runs = {"sft": reference, name: policy}
     sampled = {run: sampled_heldout(model, reference, tok, temperature=temperature,
                                     max_new_tokens=max_new_tokens, seed=seed, proc=proc)
                for run, model in runs.items()}
     return {"sampled": sampled,
-            **{run: evaluate_instruct(model, tok, known) for run, model in runs.items()}}
+            "sft": sft_greedy_figures(sft_dir, reference) or evaluate_instruct(reference, tok,
+                                                                                known),
+            name: evaluate_instruct(policy, tok, known)}
 
 
 @torch.no_grad()

@@ -375,7 +375,8 @@ def final_evaluation(args, settings, networks, tok, before, proc, started):
         result.update(policy_against_sft("grpo", networks.policy, networks.reference, tok,
                                          known, temperature=settings.temperature,
                                          max_new_tokens=settings.max_new_tokens,
-                                         seed=settings.seed, proc=proc))
+                                         seed=settings.seed, sft_dir=settings.init_from,
+                                         proc=proc))
         print(json.dumps({"pass_at_g": result["pass_at_g"], "sampled": result["sampled"]},
                          indent=1))
     result["wall_seconds"] = round(time.time() - started, 1)

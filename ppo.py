@@ -381,7 +381,7 @@ def final_evaluation(args, settings, networks, tok, proc, started):
               **policy_against_sft("ppo", networks.policy, networks.reference, tok, known,
                                    temperature=settings.temperature,
                                    max_new_tokens=settings.max_new_tokens, seed=settings.seed,
-                                   proc=proc)}
+                                   sft_dir=settings.init_from, proc=proc)}
     result["wall_seconds"] = round(time.time() - started, 1)
     write_json(os.path.join(args.out_dir, "eval.json"), result)
     print(json.dumps(result["sampled"], indent=1))

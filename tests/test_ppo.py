@@ -182,6 +182,29 @@ def test_the_command_line_trains_saves_a_policy_and_compares_it_with_sft(tiny_sf
     sample.main(["--ckpt", str(out), "--prompt", "hi", "--max-new-tokens", "4", "--device", "cpu"])
 
 
+def test_sfts_own_greedy_figures_stand_in_for_the_reference_only_when_the_weights_match(
+        tiny_sft, tmp_path, monkeypatch):
+    import evaluation
+    reference, tok, _ = load_checkpoint(tiny_sft, ["sft"])
+    written = json.loads(open(f"{tiny_sft}/eval.json").read())["weights_sha256"]
+    assert written == evaluation.weights_digest(reference)  # sft.py's model == the loaded one
+    judged = []
+    monkeypatch.setattr(evaluation, "evaluate_instruct",
+                        lambda model, tok, known: judged.append(model) or {"fresh": True})
+    monkeypatch.setattr(evaluation, "sampled_heldout", lambda *args, **kwargs: {})
+    sets = {name: {"accuracy": 0.5} for name in evaluation.instruct_eval_sets()}
+    (tmp_path / "eval.json").write_text(json.dumps({"weights_sha256": written, **sets}))
+    policy = copy.deepcopy(reference)
+    settings = dict(temperature=1.0, max_new_tokens=4, seed=0, sft_dir=str(tmp_path))
+    result = evaluation.policy_against_sft("ppo", policy, reference, tok, None, **settings)
+    assert result["sft"] == sets and judged == [policy]
+    with torch.no_grad():
+        reference.lm_head.weight[0, 0] += 1e-3  # other weights: SFT's figures no longer apply
+    judged.clear()
+    result = evaluation.policy_against_sft("ppo", policy, reference, tok, None, **settings)
+    assert result["sft"] == {"fresh": True} and judged == [reference, policy]
+
+
 def test_resume_continues_the_same_run(tiny_sft, tiny_reward, tmp_path):
     """Two updates, a stop, --resume for two more: the same log as four updates in one go (of
     a run of 5, so that neither evaluates)."""
