@@ -12,8 +12,9 @@ a question it does not answer: it continues the pattern, usually with more quest
     python pretrain.py --resume                 # continue an interrupted run on the same curve
     python pretrain.py --init-from out/base --data data/cache/mytext --out-dir out/expert
 
-Training: AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient
-accumulation up to --batch-size sequences per step, gradient clipping, bf16 autocast on GPUs.
+Training: AdamW (weight decay on matrices only; or Muon for the layers' matrices), linear
+warmup then cosine decay, gradient accumulation up to --batch-size sequences per step, gradient
+clipping, bf16 autocast on GPUs.
 """
 import json
 import os
@@ -30,7 +31,7 @@ from cli import check_paths_exist, launch, parse_stage_args, setting, start_or_r
 from data import prepare
 from data.tokenizer import Tokenizer
 from evaluation import audit_summary, evaluate_base, knowledge_audit, write_knowledge
-from ground import UserError, nonnegative, seed_arg, write_json
+from ground import UserError, choice, nonnegative, seed_arg, write_json
 from model import GPT, GPTConfig
 from training import (SAVE_EVERY_SECONDS, SaveClock, autocast, barrier, check_finite,
                       check_weights, lm_batch, lr_at, make_optimizer, mean_over_processes,
@@ -52,6 +53,9 @@ class Settings:
     batch_size: int = setting(32, "sequences per optimizer step, all processes together")
     micro_batch: int = setting(16, "sequences per forward pass per process; the rest of the "
                                    "batch is gradient accumulation (memory, not maths)")
+    optimizer: str = setting("adamw", "adamw, or muon: Muon for the layers' weight matrices, "
+                                      "AdamW for the rest, one learning rate (README: Speed)",
+                             choice("adamw", "muon"))
     lr: float = setting(2e-3, "peak learning rate (a small model takes a large one)")
     warmup: int = setting(100, "linear warmup steps, then cosine decay to lr/10 (0: none); "
                                "Adam's first estimates are noisy", nonnegative(int))
@@ -204,7 +208,8 @@ def train(args, settings, raw, tok, train_data, val_data, meta, proc, ckpt):
     Returns (steps done, last validation loss)."""
     T = settings.block_size
     accum = settings.batch_size // (settings.micro_batch * proc.world_size)
-    opt, scaler = make_optimizer(raw, settings.lr, settings.weight_decay, proc)
+    opt, scaler = make_optimizer(raw, settings.lr, settings.weight_decay, proc,
+                                 muon=settings.optimizer == "muon")
     step, last_val = resume_training(ckpt, opt, scaler)
     data_rng = torch.Generator().manual_seed(settings.seed + 1)  # the same on every rank
     if ckpt is not None:

@@ -3,9 +3,9 @@ its own lesson (its loop).
 
 - devices and processes: the device and dtype, DDP set-up (`setup_process`, `Process`), the
   wrapped model a loop calls (`wrap_model`: compiled, DDP), means and lists over processes;
-- the step: AdamW with its weight-decay split (`make_optimizer`), the learning-rate schedule
-  (`lr_at`), `optimizer_step` (unscale, clip, step, update, zero; returns the gradient norm), the
-  micro-batch split over processes, the batches of a step;
+- the step: AdamW with its weight-decay split, or Muon beside it (`make_optimizer`), the
+  learning-rate schedule (`lr_at`), `optimizer_step` (unscale, clip, step, update, zero; returns
+  the gradient norm), the micro-batch split over processes, the batches of a step;
 - checks and clocks: a NaN stops the run before it reaches a checkpoint; a checkpoint at least
   every minute (`SaveClock`); tokens/s and MFU.
 """
@@ -146,18 +146,59 @@ def barrier(proc):
         dist.barrier()
 
 
-def make_optimizer(model, lr, weight_decay, proc, fused=None):
+def make_optimizer(model, lr, weight_decay, proc, fused=None, muon=False):
     """AdamW with weight decay on matrices (and embeddings) only, never on norm gains; and the
-    GradScaler that fp16 needs (disabled otherwise). fused=None: the fused kernel on CUDA."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    GradScaler that fp16 needs (disabled otherwise). fused=None: the fused kernel on CUDA.
+    muon: the transformer layers' weight matrices move by Muon instead (MuonAndAdamW)."""
+    hidden = [p for p in model.layers.parameters() if p.dim() == 2] if muon else []
+    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr,
                             betas=(0.9, 0.95),
                             fused=proc.device.startswith("cuda") if fused is None else fused)
+    if muon:
+        opt = MuonAndAdamW(torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay,
+                                            adjust_lr_fn="match_rms_adamw"), opt)
     scaler = torch.amp.GradScaler(proc.device.split(":")[0],
                                   enabled=proc.dtype == torch.float16)
     return opt, scaler
+
+
+class MuonAndAdamW:
+    """Two optimizers behind one's interface (param_groups, step, zero_grad, state_dict), so that
+    optimizer_step, the GradScaler and the checkpoints treat them as one.
+
+    Muon (Jordan et al. 2024, torch.optim.Muon) keeps SGD's momentum, then replaces each weight
+    matrix's update by the nearest orthogonal matrix (five Newton-Schulz iterations push its
+    singular values towards 1): the gradient's rare directions move as fast as its dominant
+    ones, and a matrix learns more per token. Its step is scaled to the size of AdamW's
+    (match_rms_adamw, Moonlight's rule), so both share one learning rate and schedule.
+    Embeddings, the output head and the norm gains are not transforms of a hidden state and stay
+    on AdamW, as in modded-nanogpt and nanochat."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):  # read anew: load_state_dict replaces each optimizer's groups
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def resume_training(ckpt, opt, scaler):
@@ -165,7 +206,12 @@ def resume_training(ckpt, opt, scaler):
     (ckpt: its checkpoint) its own, with the optimizer's moments and the loss scale restored."""
     if ckpt is None:
         return 0, None
-    opt.load_state_dict(ckpt["optimizer"])
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+    except (KeyError, ValueError):
+        raise UserError("--resume: the checkpoint's optimizer state is another optimizer's "
+                        "(AdamW's, or Muon's beside it): resume with the --optimizer it was "
+                        "saved with") from None
     if ckpt["scaler"] and scaler.is_enabled():  # a run saved without fp16 has no loss scale yet
         scaler.load_state_dict(ckpt["scaler"])
     return ckpt["step"], ckpt.get("val_loss")

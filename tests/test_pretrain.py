@@ -39,9 +39,11 @@ def test_tiny_preset_loss_falls(small_data, tmp_path):
     assert os.path.exists(os.path.join(out, "tokenizer.json"))
 
 
-def test_resume_continues_the_same_curve(small_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_the_same_curve(small_data, tmp_path, optimizer):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    args = FAST + ["--data", small_data, "--steps", "24", "--eval-every", "8"]
+    args = FAST + ["--data", small_data, "--steps", "24", "--eval-every", "8",
+                   "--optimizer", optimizer]
     pretrain.main(args + ["--out-dir", a])
     pretrain.main(args + ["--out-dir", b, "--stop-at", "16"])
     assert not os.path.exists(os.path.join(b, "eval.json"))  # stopped, not finished
@@ -69,6 +71,17 @@ def test_resume_with_another_shape_is_refused(small_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--resume", "--n-embd", "32"])
     assert "--n-embd 32 differs from the checkpoint" in capsys.readouterr().err
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+
+
+def test_resume_with_another_optimizer_is_refused(small_data, tmp_path, capsys):
+    out = str(tmp_path / "base")
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--steps", "4", "--stop-at", "2"])
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    with pytest.raises(SystemExit):
+        pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--resume", "--optimizer",
+                              "muon"])
+    assert "resume with the --optimizer it was saved with" in capsys.readouterr().err
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
 
 

@@ -155,6 +155,29 @@ def test_fused_adamw_matches_the_plain_one():
     assert not torch.equal(models[0].lm_head.weight, tiny_model().lm_head.weight)  # it trained
 
 
+def test_muon_orthogonalises_the_layers_matrices_and_leaves_the_rest_to_adamw():
+    models = [tiny_model(), tiny_model()]
+    muon, _ = make_optimizer(models[0], lr=1e-2, weight_decay=0.0, proc=CPU, muon=True)
+    adamw, _ = make_optimizer(models[1], lr=1e-2, weight_decay=0.0, proc=CPU)
+    hidden = {id(p) for p in models[0].layers.parameters() if p.dim() == 2}
+    assert {id(p) for group in muon.muon.param_groups for p in group["params"]} == hidden
+    assert sum(len(g["params"]) for g in muon.param_groups) == len(list(models[0].parameters()))
+    before = [p.detach().clone() for p in models[0].parameters()]
+    for model, opt in zip(models, (muon, adamw)):
+        backward(model)
+        opt.step()
+    for (name, p), q, p0 in zip(models[0].named_parameters(), models[1].parameters(), before):
+        if id(p) not in hidden:  # embeddings, head, norm gains: AdamW's step exactly
+            torch.testing.assert_close(p, q, msg=name)
+            continue
+        update = (p0 - p).detach() / (1e-2 * 0.2 * max(p.shape) ** 0.5)  # match_rms_adamw
+        gradient = torch.linalg.svdvals(p.grad)
+        signal = gradient > 0.05 * gradient.max()  # directions the gradient has at all
+        singular = torch.linalg.svdvals(update)[signal]
+        assert gradient[signal].max() > 3 * gradient[signal].min(), name  # spread: a real test
+        assert singular.min() > 0.5 and singular.max() < 1.3, (name, singular)  # all near 1
+
+
 def test_every_step_logs_its_gradient_norm(small_data, tmp_path):
     out = tmp_path / "base"
     pretrain.main(["--preset", "tiny", "--device", "cpu", "--no-behaviour-eval", "--data",
