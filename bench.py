@@ -14,12 +14,16 @@
 - reward: answers sampled per second (K = 3 per prompt, batched, KV cache) and comparisons
   (a prompt, its K answers, all their pairs) trained per second, as in reward.py
 - gpt2: (GPU only) a GPT-2-small-sized model, about 124M parameters, context 1024
+- quality (only when named): time to quality, the seconds of pretraining until the validation
+  loss and the few-shot accuracy reach fixed targets, so a change that trades quality for
+  speed shows (a whole pretraining run of the preset, on the bundled world)
 Model weights are random: speed does not depend on them.
 """
 import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 
@@ -244,6 +248,52 @@ def bench_reward(cfg, device, dtype, prompts=32, k=3, prompt_len=24, answer_len=
     return out
 
 
+# Time to quality: a little short of where the cpu preset's run ends (validation loss 2.27,
+# few-shot 93% / 97%), so that a faster run that learns less never gets there and shows it.
+QUALITY_TARGETS = {"val_loss": 2.35, "fewshot": 0.85}
+
+
+def bench_quality(preset, device, every, pretrain_args):
+    """pretrain.py's own run of the preset, in pieces of `every` steps (--stop-at, then
+    --resume: the schedule spans the whole run); after each piece the validation loss and the
+    few-shot accuracy (the mean of capital and symbol) of its checkpoint. Reports the seconds of
+    training (the logged steps' own times: evaluation and restarts left out) until each first
+    reaches QUALITY_TARGETS (None: never), and the curve."""
+    import subprocess
+    import tempfile
+
+    from checkpoints import load_checkpoint
+    from evaluation import evaluate_base
+    out = {"targets": QUALITY_TARGETS, "pretrain_args": pretrain_args, "curve": []}
+    with tempfile.TemporaryDirectory() as run_dir:
+        step, steps = 0, None
+        while steps is None or step < steps:
+            step += every
+            command = [sys.executable, os.path.join(os.path.dirname(__file__), "pretrain.py"),
+                       "--preset", preset, "--device", device,
+                       "--out-dir", run_dir, "--stop-at", str(step), "--no-behaviour-eval",
+                       "--eval-every", str(every), *pretrain_args]
+            subprocess.run(command + ["--resume"] * (step > every), check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            model, tok, ckpt = load_checkpoint(run_dir, ["base"], device)
+            steps, step = ckpt["config"]["steps"], ckpt["step"]
+            with open(os.path.join(run_dir, "log.jsonl")) as f:
+                log = [json.loads(line) for line in f]
+            scores = evaluate_base(model, tok, device, n_zero_shot=0)
+            tokens = ckpt["config"]["batch_size"] * ckpt["config"]["block_size"]  # a step's
+            out["curve"].append({
+                "step": step, "train_seconds": round(sum(
+                    tokens / row["tok_per_s"] for row in log), 1),
+                "val_loss": ckpt["val_loss"], "fewshot": round(
+                    (scores["fewshot_capital_accuracy"] + scores["fewshot_symbol_accuracy"]) / 2,
+                    3)})
+    for key, reached in (("val_loss", lambda row: row["val_loss"] <= QUALITY_TARGETS["val_loss"]),
+                         ("fewshot", lambda row: row["fewshot"] >= QUALITY_TARGETS["fewshot"])):
+        first = next((row for row in out["curve"] if reached(row)), None)
+        out[f"seconds_to_{key}"] = first and first["train_seconds"]
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,9 +301,14 @@ def main(argv=None):
                    help="the model and micro-batch of this pretrain.py preset (auto: gpu on a "
                         "CUDA device, else cpu)")
     p.add_argument("--only", choices=["tokenizer", "train", "nanogpt", "generate", "reward",
-                                      "gpt2"],
+                                      "gpt2", "quality"],
                    action="append",
-                   help="run only these parts (repeatable)")
+                   help="run only these parts (repeatable); quality (time to quality: a whole "
+                        "pretraining run, as long as the stage) runs only when named")
+    p.add_argument("--quality-every", type=positive(int), default=100,
+                   help="quality: steps between two measurements")
+    p.add_argument("--pretrain-args", default="",
+                   help="quality: more pretrain.py flags, in quotes (\"--optimizer muon\")")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", action="store_true")
@@ -300,6 +355,9 @@ def run_benchmarks(args, device, dtype):
             result[part] = bench_reward(cfg, device, dtype)
         elif part == "generate":
             result[part] = bench_generate(cfg, device, dtype)
+        elif part == "quality":
+            result[part] = bench_quality(preset, device, args.quality_every,
+                                         shlex.split(args.pretrain_args))
         elif part == "gpt2":
             gpt2 = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12,
                              n_kv_head=12, n_embd=768, ffn_hidden=2048)

@@ -149,3 +149,16 @@ def test_bench_writes_its_json(tmp_path):
     assert side_by_side["project"]["flops_per_token"] == side_by_side["nanogpt"]["flops_per_token"]
     assert side_by_side["speed_ratio"] > 0
     assert result["reward"]["answers_per_s"] > 0 and result["reward"]["comparisons_per_s"] > 0
+
+
+def test_time_to_quality_follows_pretrains_own_run_in_pieces(small_data, monkeypatch):
+    import bench
+    monkeypatch.setattr(bench, "QUALITY_TARGETS", {"val_loss": 1e9, "fewshot": 2.0})  # at once;
+    result = bench.bench_quality("tiny", "cpu", 10, ["--data", small_data, "--steps", "20",
+                                                     "--eval-iters", "1"])  # and never
+    assert [row["step"] for row in result["curve"]] == [10, 20]
+    first, last = result["curve"]
+    assert 0 < first["train_seconds"] < last["train_seconds"]
+    assert last["val_loss"] < first["val_loss"]
+    assert result["seconds_to_val_loss"] == first["train_seconds"]
+    assert result["seconds_to_fewshot"] is None
