@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import preset_for
-from ground import UserError, die, positive, stop_reason, writable_dir
+from ground import UserError, die, positive, sigterm_stops, stop_reason, writable_dir
 from model import GPT, GPTConfig, ScalarHeadGPT
 from training import autocast, maybe_compile, peak_flops, pick_device, pick_dtype
 
@@ -294,6 +294,7 @@ def bench_quality(preset, device, every, pretrain_args):
     return out
 
 
+@sigterm_stops()  # SIGTERM stops it as Ctrl-C does
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

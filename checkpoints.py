@@ -130,6 +130,12 @@ def load_checkpoint(ckpt_dir, stages=None, device="cpu", flag="--ckpt"):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path}: weights do not fit the model config it records ({first})") from e
+    broken = [name for name, tensor in ckpt["model"].items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:  # sampling would crash or print NUL bytes, a reward model would score nan
+        raise UserError(f"{path}: weights that are not finite numbers (NaN or inf) in "
+                        f"{broken[0]}" + (f" and {len(broken) - 1} more" if broken[1:] else "")
+                        + ": the run that wrote them diverged; use an earlier checkpoint")
     model.base_id = ckpt.get("base_id")  # see save_checkpoint
     return model.to(device), tokenizer, ckpt
 

@@ -11,6 +11,7 @@ it stops.
 - `run_stage`: the experiments run a stage script as a process of its own.
 """
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from dataclasses import asdict, field, fields
 import torch.distributed as dist
 
 from checkpoints import CKPT_FILE, check_out_dir, load_checkpoint
-from ground import UserError, die, positive, stop_reason, writable_dir
+from ground import (UserError, die, positive, run_lock, sigterm_stops, stop_reason,
+                    writable_dir)
 from training import pick_device, setup_process
 
 
@@ -126,14 +128,21 @@ def check_paths_exist(needed, out_dir):
 
 def launch(run, args):
     """Call run(args, process) in this process (one of several under torchrun). However the run
-    ends early, it ends with one line that says what is true: bad input (exit 2), or Ctrl-C, a
-    non-finite loss or a failed write (exit 1, naming what was saved). The process group is
-    always closed."""
+    ends early, it ends with one line that says what is true: bad input (exit 2), or Ctrl-C,
+    SIGTERM, a non-finite loss or a failed write (exit 1, naming what was saved). The process
+    group is always closed."""
+    created = not os.path.exists(args.out_dir)
+    first = os.environ.get("RANK", "0") == "0"  # under torchrun, one lock for all processes
     try:
         if not args.resume or os.path.isdir(args.out_dir):  # before any work, not after it
             writable_dir(args.out_dir, "--out-dir")
-        run(args, setup_process(args.device, args.dtype))
+        lock = (run_lock(args.out_dir, "--out-dir") if first and os.path.isdir(args.out_dir)
+                else contextlib.nullcontext())
+        with sigterm_stops(), lock:
+            run(args, setup_process(args.device, args.dtype))
     except UserError as e:
+        if created and first and os.path.isdir(args.out_dir) and not os.listdir(args.out_dir):
+            os.rmdir(args.out_dir)  # a refused command leaves no empty folder behind
         die(str(e))
     except (KeyboardInterrupt, FloatingPointError, OSError) as e:
         stop_run(e, args.out_dir)

@@ -46,7 +46,7 @@ from data.comparisons import read_comparisons, rows_checksum
 from evaluation import (HELDOUT_ANSWERS_FILE, carry_knowledge, check_chat_eval_fits,
                         evaluate_reward_model, heldout_answers, policy_against_sft, read_heldout,
                         sampled_heldout)
-from ground import UserError, nonnegative, seed_arg, write_json
+from ground import UserError, nonnegative, read_json, seed_arg, write_json
 from model import LikelihoodRewardGPT
 from scoring import encode_comparisons, pair_indices, right_padded
 from training import (SAVE_EVERY_SECONDS, SaveClock, autocast, barrier, batch_indices,
@@ -299,8 +299,7 @@ def heldout_pairs(settings, reference, tok):
     if not os.path.exists(path):
         print(f"no {path}: the SFT model's held-out answers are sampled here", file=sys.stderr)
         return heldout_answers(reference, tok, seed=settings.seed + 1, **HELDOUT_SAMPLING), None
-    with open(os.path.join(folder, "eval.json")) as f:  # written with the answers
-        reward_heldout = json.load(f).get("heldout", {})
+    reward_heldout = read_json(os.path.join(folder, "eval.json")).get("heldout", {})
     return read_heldout(path), {k: v for k, v in reward_heldout.items() if k != "examples"}
 
 

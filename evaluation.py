@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from data import chats, code, teacher, world
-from ground import UserError, jsonl_rows, write_json, write_text
+from ground import UserError, jsonl_rows, read_json, write_json, write_text
 from rl import ONE_PROCESS, answer_logprobs, answer_texts, kl_k1, rollout
 from scoring import answer_ids, reward_scores
 
@@ -136,9 +136,8 @@ def read_known(ckpt_dir):
     if not os.path.exists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return known_map(json.load(f)["facts"])
-    except (ValueError, KeyError, TypeError) as e:
+        return known_map(read_json(path)["facts"])
+    except (KeyError, TypeError) as e:
         raise UserError(f"{path}: not a knowledge audit ({e})") from None
 
 
@@ -350,10 +349,9 @@ def sft_greedy_figures(sft_dir, reference):
     folder = os.path.dirname(sft_dir) if os.path.isfile(sft_dir) else sft_dir  # ckpt.pt named
     path = os.path.join(folder, "eval.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            judged = json.load(f)
-    except (OSError, ValueError):
-        return None  # no such file, or not one sft.py wrote: evaluate instead
+        judged = read_json(path)
+    except UserError:
+        return None  # no such file, or a damaged one: evaluate instead
     names = instruct_eval_sets()
     if (not isinstance(judged, dict) or judged.get("weights_sha256") != weights_digest(reference)
             or any(name not in judged for name in names)):

@@ -11,7 +11,7 @@ import os
 import sys
 
 from checkpoints import load_checkpoint
-from ground import UserError, die, stop_reason, writable_dir
+from ground import UserError, die, sigterm_stops, stop_reason, writable_dir
 from model import GPT
 
 
@@ -35,6 +35,7 @@ def export_hf(model: GPT, out_dir: str):
         json.dump(hf, f, indent=2)
 
 
+@sigterm_stops()  # SIGTERM stops it as Ctrl-C does
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

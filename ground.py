@@ -2,8 +2,10 @@
 command-line flags, and files written whole or not at all.
 
 - UserError: bad input from the user; every command prints it as one line and exits with 2;
-  stop_reason: what stopped a command (Ctrl-C, a failed write), in a few words.
+  stop_reason: what stopped a command (Ctrl-C, SIGTERM, a failed write), in a few words;
+  sigterm_stops: SIGTERM stops a command as Ctrl-C does.
 - positive, nonnegative, choice, seed_arg: argparse types whose errors say what was wrong.
+- run_lock: one run at a time writes to a folder.
 - writable_dir, atomic_write, write_text, write_json: a file is written to a temporary name, made
   durable (fsync) and renamed over the old one, so that a crash, Ctrl-C or a full disk never
   leaves half a file behind.
@@ -12,9 +14,11 @@ command-line flags, and files written whole or not at all.
 data/ and plot.py import only this of the plumbing, so they load without torch.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 
@@ -31,13 +35,39 @@ def die(msg):
 def run_or_die(run, args):
     """run(args), where a UserError ends the command with its one line (the experiments)."""
     try:
-        run(args)
+        with sigterm_stops():
+            run(args)
     except UserError as e:
         die(str(e))
+    except KeyboardInterrupt as e:  # each finished stage is kept: the same command goes on
+        sys.exit(f"stopped: {stop_reason(e)}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's time limit): it stops a command as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def sigterm_stops():
+    """Within it, SIGTERM raises Terminated, so a command stops as after Ctrl-C (saying in one
+    line what is on disk) instead of vanishing without a word."""
+    def terminate(signum, frame):
+        raise Terminated()
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def stop_reason(e):
-    """Ctrl-C, a failed write (naming the file) or a non-finite loss, in a few words."""
+    """Ctrl-C, SIGTERM, a failed write (naming the file) or a non-finite loss, in a few words."""
+    if isinstance(e, Terminated):
+        return "terminated (SIGTERM)"
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
     if isinstance(e, OSError):
@@ -96,6 +126,54 @@ def writable_dir(path, flag):
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
+LOCK_FILE = "run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder, flag):
+    """Within it, this process alone writes to `folder`: a second run into the same folder
+    stops with one line instead of interleaving its log and racing for the checkpoint. The lock
+    file holds the holder's process id and is removed on the way out; one left by a process
+    that no longer exists (a SIGKILL, a power cut) is taken over."""
+    path = os.path.join(folder, LOCK_FILE)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = lock_holder(path)
+            if holder is not None:
+                raise UserError(f"{flag} {folder}: another run (process {holder}) is writing "
+                                f"there; wait for it, or choose another {flag}") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale: its process is gone
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def lock_holder(path):
+    """The process id in a lock file if that process still runs, else None."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None  # unreadable or half-written: treated as stale
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: is it there? (nothing is sent)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid  # another user's process: alive
+    return pid
+
+
 def atomic_write(path, write):
     """write(tmp_path), then rename over `path`: readers see the old file or the new, never half.
     A failed write (disk full, say) leaves the old file as it was and raises the OSError, named
@@ -109,8 +187,8 @@ def atomic_write(path, write):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         cause = e if isinstance(e, OSError) else e.__context__
-        if isinstance(cause, KeyboardInterrupt):
-            raise KeyboardInterrupt from e
+        if isinstance(cause, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (Terminated)
+            raise type(cause)() from e
         if not isinstance(cause, OSError):
             raise
         raise OSError(cause.errno, cause.strerror or str(cause), path) from e
@@ -146,7 +224,29 @@ def jsonl_rows(path):
             raise UserError(f"{where}: not UTF-8 text") from None
         if not line.strip():
             continue
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        yield where, parse_json(line, where)
+
+
+def parse_json(text, where):
+    """json.loads, with a UserError naming `where` for text that is not JSON, or nested so deep
+    (`[[[[...`) that Python's parser runs out of stack."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to read") from None
+
+
+def read_json(path):
+    """The JSON object of a whole file, read strictly: a file that cannot be read, is not UTF-8
+    or not JSON is a UserError naming it."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        return parse_json(raw.decode("utf-8"), path)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None

@@ -109,15 +109,13 @@ def run(args, proc):
         raise UserError(f"{folder} does not hold the tokens the run in {args.out_dir} was trained "
                         f"on ({ckpt['config']['data'] or 'the bundled world'}, as prepared "
                         "then); pass that data as --data, or start a new run")
+    check_tokens(folder, train_data, val_data, settings.block_size)  # before building a model
     model = model or new_model(args, settings, tok, folder, meta, proc.device)
-    for name, tokens, remedy in (("training", train_data, "more text"),
-                                 ("validation", val_data, "a larger --val-fraction")):
-        if len(tokens) <= settings.block_size + 1:
-            raise UserError(f"{folder}: {len(tokens)} {name} tokens are too few for a context "
-                            f"of {settings.block_size} ({remedy}, or a smaller --block-size)")
-    prepare_out_dir(args.out_dir, tok, resume=args.resume, write=proc.master)
+    if args.init_from:  # the context is the loaded model's
+        check_tokens(folder, train_data, val_data, settings.block_size)
     settings.micro_batch, accum = split_batch(settings.batch_size, settings.micro_batch, proc,
                                               "micro_batch" in args.given)
+    prepare_out_dir(args.out_dir, tok, resume=args.resume, write=proc.master)  # all checked
     if proc.master:
         print(f"base model: {model.num_params(False) / 1e6:.2f}M parameters, "
               f"{settings.preset} preset, {proc.device} {str(proc.dtype).split('.')[-1]}, "
@@ -139,6 +137,14 @@ def check_settings(args, settings, ckpt):
         if getattr(settings, k) != saved[k]:
             raise UserError(f"--{k.replace('_', '-')} {getattr(settings, k)} differs from the "
                             f"checkpoint being resumed ({saved[k]})")
+
+
+def check_tokens(folder, train_data, val_data, block_size):
+    for name, tokens, remedy in (("training", train_data, "more text"),
+                                 ("validation", val_data, "a larger --val-fraction")):
+        if len(tokens) <= block_size + 1:
+            raise UserError(f"{folder}: {len(tokens)} {name} tokens are too few for a context "
+                            f"of {block_size} ({remedy}, or a smaller --block-size)")
 
 
 def load_data(data, proc):

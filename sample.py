@@ -33,7 +33,7 @@ import torch
 
 from checkpoints import load_checkpoint
 from data import chats
-from ground import UserError, die, seed_arg
+from ground import UserError, die, read_json, seed_arg, sigterm_stops, stop_reason
 from model import sample_next
 from scoring import RewardScorer
 from training import autocast, pick_device, pick_dtype
@@ -102,23 +102,25 @@ class Sampler:
         system = self.args.system
         head = [{"role": "system", "content": system}] if system else []
         user = [{"role": "user", "content": text}]
+        history = self.history
         try:
             if self.chat or system or self.args.compare:  # a request, in the model's form
-                ids = chats.request_ids(self.tok, head + self.history + user, self.chat)
+                ids = chats.request_ids(self.tok, head + history + user, self.chat)
             else:  # raw: <|endoftext|> opens every document
                 ids = [self.tok.eot_id] + self.tok.encode(text)
-            while self.history and len(ids) + 16 > self.model.config.block_size:
-                self.history = self.history[2:]  # forget the oldest exchange to make room
-                print("note: the conversation is longer than the context; the oldest "
-                      "exchange is forgotten", file=sys.stderr)
-                ids = chats.request_ids(self.tok, head + self.history + user, self.chat)
+            while history and len(ids) + 16 > self.model.config.block_size:
+                history = history[2:]  # the oldest exchange, forgotten if the prompt then fits
+                ids = chats.request_ids(self.tok, head + history + user, self.chat)
         except ValueError as e:
             raise UserError(f"prompt: {e}") from None
         ctx = self.model.config.block_size
-        if len(ids) >= ctx:
-            also = " or the conversation" if self.chat else ""
+        if len(ids) >= ctx:  # refused: the conversation so far stays as it was
             raise UserError(f"the prompt is {len(ids)} tokens; the context of {self.name} is "
-                            f"{ctx} (shorten the prompt{also})")
+                            f"{ctx} (shorten the prompt)")
+        if len(history) < len(self.history):
+            print("note: the conversation is longer than the context; the oldest exchange is "
+                  "forgotten", file=sys.stderr)
+            self.history = history
         return ids
 
     def run(self, text, out=None):
@@ -251,11 +253,10 @@ def show_loss_mask(args):
     """Print --loss-mask's chat with its trained tokens in green (a terminal) or [brackets]."""
     _, tok, _ = load_checkpoint(args.ckpt, device="cpu")
     if args.loss_mask:
+        messages = read_json(args.loss_mask)  # unreadable, not UTF-8, not JSON: one line
         try:
-            with open(args.loss_mask) as f:
-                messages = json.load(f)["messages"]
-            tokens = masked_tokens(tok, messages)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            tokens = masked_tokens(tok, messages["messages"])
+        except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"--loss-mask {args.loss_mask}: expected a JSON file of "
                             f'{{"messages": [...]}} ending with an assistant turn ({e})') from None
     else:
@@ -271,6 +272,7 @@ def show_loss_mask(args):
           f"{'green' if on != '[' else 'in brackets'})")
 
 
+@sigterm_stops()  # SIGTERM stops it as Ctrl-C does
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -294,9 +296,13 @@ def main(argv=None):
             while True:
                 try:
                     line = input("you> " if sampler.chat else "> ")
+                    line.encode("utf-8")  # undecodable bytes arrive as lone surrogates
                 except EOFError:
                     print()  # end the prompt's line
                     break
+                except (UnicodeDecodeError, UnicodeEncodeError):
+                    print("error: that line is not UTF-8 text", file=sys.stderr)
+                    continue
                 if sampler.chat and not sys.stdin.isatty():
                     print(line)  # piped: show the message, so the answer does not follow "you> "
                 elif not sampler.chat:
@@ -308,13 +314,16 @@ def main(argv=None):
                     print(f"error: {e}", file=sys.stderr)
             return
         if args.prompt_file:
-            try:
+            try:  # bytes, decoded strictly: stdin as strictly as a file
                 if args.prompt_file == "-":
-                    text = sys.stdin.read()
+                    text = sys.stdin.buffer.read().decode("utf-8")
                 else:
-                    text = open(args.prompt_file).read()
-            except (OSError, UnicodeDecodeError) as e:
+                    with open(args.prompt_file, "rb") as f:
+                        text = f.read().decode("utf-8")
+            except OSError as e:
                 raise UserError(f"{args.prompt_file}: cannot read the prompt ({e})") from e
+            except UnicodeDecodeError:
+                raise UserError(f"{args.prompt_file}: the prompt is not UTF-8 text") from None
         else:
             text = args.prompt if args.prompt is not None else ""
         for sampler in samplers:
@@ -325,8 +334,8 @@ def main(argv=None):
             sampler.run(text)
     except UserError as e:
         die(str(e))
-    except KeyboardInterrupt:
-        sys.exit("\nstopped: interrupted")
+    except KeyboardInterrupt as e:
+        sys.exit(f"\nstopped: {stop_reason(e)}")
     except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

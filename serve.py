@@ -38,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from checkpoints import INSTRUCT_STAGES, load_checkpoint
 from data import chats, teacher
-from ground import UserError, die
+from ground import UserError, die, sigterm_stops
 from scoring import RewardScorer
 from training import autocast, pick_device, pick_dtype
 
@@ -277,6 +277,8 @@ class Handler(BaseHTTPRequestHandler):
             return json.loads(self.rfile.read(length) or b"null")
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadRequest(f"not JSON: {e}") from None
+        except RecursionError:
+            raise BadRequest("not JSON this server reads: nested too deeply") from None
 
     def send_event(self, event):
         self.wfile.write(json.dumps(event).encode() + b"\n")
@@ -310,6 +312,7 @@ def make_server(models, port):
     return server
 
 
+@sigterm_stops()  # SIGTERM stops it as Ctrl-C does
 def main(argv=None):
     args = parse_args(argv)
     try:

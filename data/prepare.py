@@ -25,7 +25,8 @@ import numpy as np
 
 from data import world
 from data.tokenizer import SPECIAL_TOKENS, Tokenizer
-from ground import UserError, die, nonnegative, positive, stop_reason, writable_dir
+from ground import (UserError, die, nonnegative, positive, sigterm_stops, stop_reason,
+                    writable_dir)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "cache", "world")
@@ -251,7 +252,7 @@ def check_prepared(data_dir):
         missing = {"data_checksum", "source", "vocab_size", "fingerprint"} - meta.keys()
         if missing:  # keys the stages read
             raise KeyError(", ".join(sorted(missing)))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"{meta_path}: unreadable, or from an older version of this project "
                          f"({type(e).__name__}: {e}); prepare it again: {redo}") from None
     for name, size in sizes.items():
@@ -290,11 +291,12 @@ def refresh(out=DEFAULT_OUT):
     try:
         with open(os.path.join(out, "meta.json")) as f:
             arguments = json.load(f)["arguments"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         arguments = {}
     return prepare(out, **arguments)
 
 
+@sigterm_stops()  # SIGTERM stops it as Ctrl-C does
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -321,6 +323,9 @@ def main(argv=None):
                         "ablations)")
     args = p.parse_args(argv)
     try:
+        if os.path.exists(os.path.join(args.out, "ckpt.pt")):  # its tokenizer.json is the run's
+            raise UserError(f"--out {args.out}: a training run's folder (it holds ckpt.pt); "
+                            "prepared data goes to a folder of its own")
         writable_dir(args.out, "--out")
         prepare(args.out, args.input, args.tokenizer, vocab_size=args.vocab_size, seed=args.seed,
                 val_fraction=args.val_fraction, world_copies=args.world_copies,

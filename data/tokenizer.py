@@ -249,7 +249,8 @@ class Tokenizer:
                 raise ValueError(f"format is {obj.get('format')!r}, expected {FILE_FORMAT!r}")
             return cls([bytes.fromhex(t) for t in obj["tokens"]], obj["pattern"],
                        obj["special_tokens"])
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError,
+                RecursionError) as e:  # RecursionError: JSON nested too deeply to parse
             why = f"{type(e).__name__}: {e}"  # short: the error can quote the whole file
             raise ValueError(f"malformed tokenizer file {path} ({why[:120]})") from e
 

@@ -23,7 +23,6 @@ gold score against sqrt(KL) on the held-out prompts: each model a point, best-of
 the same over training: PPO's and GRPO's rollouts, DPO's samples at each validation).
 """
 import argparse
-import json
 import math
 import os
 
@@ -32,7 +31,8 @@ import torch
 from checkpoints import INSTRUCT_STAGES, load_checkpoint
 from cli import run_stage
 from data import chats, teacher
-from ground import UserError, positive, run_or_die, write_json, write_text
+from ground import (UserError, jsonl_rows, positive, read_json, run_or_die, write_json,
+                    write_text)
 from rl import answer_texts, rollout
 from scoring import RewardScorer
 from training import pick_device
@@ -77,8 +77,7 @@ def run(args):
     os.makedirs(args.out_dir, exist_ok=True)
     evals = {}
     for name, folder in folders.items():
-        with open(os.path.join(folder, "eval.json")) as f:
-            evals[name] = json.load(f)
+        evals[name] = read_json(os.path.join(folder, "eval.json"))
     rows = report_rows(evals)
     sampling = load_checkpoint(folders["ppo"], ["ppo"])[2]["config"]  # its sampled evaluation's
     curves = best_of_n(args, sampling["temperature"], sampling["max_new_tokens"])
@@ -172,8 +171,7 @@ def training_curves(folders, window=5):
     third of the held-out prompts sampled at each validation (dpo.py's curve_every)."""
     curves = {}
     for name in METHODS:
-        with open(os.path.join(folders[name], "log.jsonl")) as f:
-            lines = [json.loads(line) for line in f]
+        lines = [row for _, row in jsonl_rows(os.path.join(folders[name], "log.jsonl"))]
         if name == "dpo":
             curves[name] = [(math.sqrt(max(line["sampled_kl_to_sft"], 0.0)),
                              line["sampled_gold_score"])

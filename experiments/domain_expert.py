@@ -27,14 +27,13 @@ summary.json under --out-dir.
 """
 import argparse
 import csv
-import json
 import os
 
 import torch
 
 from checkpoints import load_checkpoint
 from data import query, teacher, world
-from ground import UserError, positive, run_or_die, write_json
+from ground import UserError, jsonl_rows, positive, run_or_die, write_json
 from training import pick_device
 
 PRESETS = {  # fine-tuning steps, evaluation steps, batch size, held-out questions per split
@@ -69,22 +68,18 @@ def main(argv=None):
 def read_pairs(path):
     """(question, query) rows of a JSONL file; a bad row is named with its line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                question, text = row["question"], row["query"]
-                if not isinstance(question, str) or not question.strip():
-                    raise ValueError("question: expected a non-empty string")
-                query.parse(text)
-            except query.QueryError as e:
-                raise UserError(f"{path}:{n}: query: {e}") from None
-            except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{path}:{n}: expected {{\"question\": ..., \"query\": ...}} "
-                                f"({e})") from None
-            rows.append((question, text))
+    for where, row in jsonl_rows(path):  # unreadable, not UTF-8, not JSON: named with its line
+        try:
+            question, text = row["question"], row["query"]
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError("question: expected a non-empty string")
+            query.parse(text)
+        except query.QueryError as e:
+            raise UserError(f"{where}: query: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{where}: expected {{\"question\": ..., \"query\": ...}} "
+                            f"({e})") from None
+        rows.append((question, text))
     if not rows:
         raise UserError(f"{path}: no pairs")
     return rows

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from checkpoints import INSTRUCT_STAGES, load_checkpoint
 from cli import run_stage
 from data import chats, teacher
-from ground import UserError, positive, run_or_die, write_json
+from ground import UserError, jsonl_rows, positive, run_or_die, write_json
 from rl import NO_END_PENALTY
 from scoring import answer_ids, reward_scores
 from training import pick_device
@@ -131,8 +131,7 @@ def best_of_n(args, proxy_dir):
 def ppo_points(name, ppo_dir):
     """One point per PPO update: the proxy's and the teacher's mean score of that update's
     rollout answers, and its KL to SFT (clamped at 0: a batch estimate can dip below)."""
-    with open(os.path.join(ppo_dir, "log.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
+    lines = [row for _, row in jsonl_rows(os.path.join(ppo_dir, "log.jsonl"))]
     return [{"method": name, "n_or_update": r["step"], "kl": max(r["kl"], 0.0),
              "sqrt_kl": max(r["kl"], 0.0) ** 0.5, "proxy": r["score"], "gold": r["gold_score"]}
             for r in lines]

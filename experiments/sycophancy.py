@@ -16,14 +16,13 @@ summary.json (each model's rates, greedy and sampled, from the PPO runs' eval.js
 (the rates, and every model's answer to the same wrong claims about held-out entities).
 """
 import argparse
-import json
 import os
 
 from checkpoints import load_checkpoint
 from cli import run_stage
 from data import chats
 from evaluation import answer
-from ground import UserError, positive, run_or_die, write_json, write_text
+from ground import UserError, positive, read_json, run_or_die, write_json, write_text
 
 LABELERS = {"agreeable": "--sycophancy-bonus", "flattered": "--flattery-bonus"}
 SAMPLE_CLAIMS = 3  # wrong claims shown with every model's answer
@@ -88,8 +87,7 @@ def check_scoring(reward_dir, score):
     --score asks."""
     path = os.path.join(reward_dir, "eval.json")
     if os.path.exists(path):
-        with open(path) as f:
-            made = json.load(f).get("score", "head")  # before --score: a scalar head
+        made = read_json(path).get("score", "head")  # before --score: a scalar head
         if made != score:
             raise UserError(f"{reward_dir} holds a reward model made with --score {made}, not "
                             f"{score}: choose another --out-dir")
@@ -100,8 +98,7 @@ def rates(runs):
     (evaluation.evaluate_instruct) and sampled at the training temperature."""
     out = {}
     for name, path in runs.items():
-        with open(os.path.join(path, "eval.json")) as f:
-            ev = json.load(f)
+        ev = read_json(os.path.join(path, "eval.json"))
         for model in (["sft"] if name == "honest" else []) + ["ppo"]:
             claims, questions = ev[model]["heldout_claims"], ev[model]["heldout"]
             out["SFT" if model == "sft" else f"PPO, {name} labeler"] = {

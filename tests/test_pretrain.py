@@ -172,9 +172,9 @@ def test_init_from_continues_pretraining_on_user_text(small_data, tmp_path):
     assert losses(expert)[1] < losses(fresh)[1] - 1.0  # it starts from what the base model knows
 
 
-def ctrl_c(args, once_exists, after=0.0):
-    """Run ARGS, press Ctrl-C once the file ONCE_EXISTS exists (and AFTER more seconds); return
-    the exit status and stderr. A shell may start background jobs with SIGINT ignored (then
+def ctrl_c(args, once_exists, after=0.0, sig=signal.SIGINT):
+    """Run ARGS, press Ctrl-C (or send `sig`) once the file ONCE_EXISTS exists (and AFTER more
+    seconds); return the exit status and stderr. A shell may start background jobs with SIGINT ignored (then
     Python never raises KeyboardInterrupt): the child gets the default, as from a terminal."""
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
@@ -184,18 +184,20 @@ def ctrl_c(args, once_exists, after=0.0):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.1)
     time.sleep(after)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     return proc.returncode, err
 
 
-def test_ctrl_c_keeps_the_last_checkpoint_and_resume_goes_on(small_data, tmp_path):
+@pytest.mark.parametrize("sig,says", [(signal.SIGINT, "interrupted"),
+                                      (signal.SIGTERM, "terminated (SIGTERM)")])
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_goes_on(small_data, tmp_path, sig, says):
     out = tmp_path / "base"
     args = [sys.executable, "pretrain.py", *FAST, "--data", small_data, "--out-dir", str(out),
             "--steps", "100000", "--eval-every", "5"]
-    returncode, err = ctrl_c(args, once_exists=out / "ckpt.pt", after=1.0)
+    returncode, err = ctrl_c(args, once_exists=out / "ckpt.pt", after=1.0, sig=sig)
     assert returncode == 1
-    assert "stopped: interrupted" in err and "last good checkpoint is intact" in err
+    assert f"stopped: {says}" in err and "last good checkpoint is intact" in err
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert step > 0
     pretrain.main(FAST + ["--data", small_data, "--out-dir", str(out), "--steps", "100000",
@@ -434,3 +436,37 @@ def test_the_code_eval_signatures_are_never_in_the_corpus():
     names = [s.split("(")[0].split()[-1] for sigs in code.EVAL_SIGNATURES.values() for s in sigs]
     assert len(names) == 24 and not [n for n in names if n in text]
     assert "function calculateTax(" in text or "def calculate_tax(" in text  # the article's
+
+
+def test_a_refused_run_leaves_its_folder_as_it_found_it(small_data, tmp_path, capsys):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "eval.json").write_text('{"kept": true}\n')
+    (old / "log.jsonl").write_text('{"step": 1}\n')
+    bad = FAST + ["--data", small_data, "--batch-size", "10", "--micro-batch", "4"]
+    for out in (old, tmp_path / "new"):
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(bad + ["--out-dir", str(out)])
+        assert e.value.code == 2 and "--batch-size" in capsys.readouterr().err
+    assert sorted(os.listdir(old)) == ["eval.json", "log.jsonl"]
+    assert (old / "eval.json").read_text() == '{"kept": true}\n'
+    assert not (tmp_path / "new").exists()  # no empty folder left behind
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_taken_over(
+        small_data, tmp_path, capsys):
+    out = tmp_path / "base"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "run.lock").write_text(f"{holder.pid}\n")
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(FAST + ["--data", small_data, "--out-dir", str(out), "--steps", "2"])
+        assert e.value.code == 2
+        assert f"another run (process {holder.pid}) is writing there" in capsys.readouterr().err
+        assert os.listdir(out) == ["run.lock"]  # nothing else touched
+    finally:
+        holder.kill()
+        holder.wait()
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", str(out), "--steps", "2"])
+    assert (out / "ckpt.pt").exists() and not (out / "run.lock").exists()  # taken, then freed

@@ -301,3 +301,31 @@ def test_heal_scores_only_what_follows_the_prompt(ckpt, tiny_reward, capsys):
     expected = RewardScorer(tiny_reward, "cpu", "--score-with")(  # a base model never ends a turn
         [{"role": "user", "content": prompt}], text[len(prompt):], False, tok)
     assert float(score.rstrip("]\n")) == pytest.approx(expected, abs=1e-3)
+
+
+def test_a_line_too_long_for_the_context_is_refused_and_the_conversation_kept(
+        tiny_sft, capsys, monkeypatch):
+    import io
+    seen = []  # the turns remembered when each line arrives
+    prompt_ids = sample.Sampler.prompt_ids
+    monkeypatch.setattr(sample.Sampler, "prompt_ids",
+                        lambda self, text: seen.append(len(self.history)) or prompt_ids(self, text))
+    lines = ["What is the capital of Japan?", "word " * 300, "And of Peru?"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    err = run(capsys, "--ckpt", tiny_sft, "--interactive", "--max-new-tokens", "4",
+              "--temperature", "0", "--device", "cpu").err
+    assert "shorten the prompt" in err
+    assert seen == [0, 2, 2]  # the refused line forgot nothing
+
+
+def test_a_prompt_from_standard_input_is_decoded_as_strictly_as_a_file(ckpt, tmp_path, capsys,
+                                                                       monkeypatch):
+    import io
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait")))
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", ckpt, "--prompt-file", "-", "--device", "cpu"])
+    assert "-: the prompt is not UTF-8 text" in capsys.readouterr().err
+    (tmp_path / "p.txt").write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", ckpt, "--prompt-file", str(tmp_path / "p.txt"), "--device", "cpu"])
+    assert "p.txt: the prompt is not UTF-8 text" in capsys.readouterr().err

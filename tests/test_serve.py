@@ -122,6 +122,7 @@ def test_next_tokens_are_each_models_softmax(server):
     ("/api/generate", {"prompt": "hi", "temperature": -1}, 400, "temperature: expected"),
     ("/api/generate", {"prompt": "hi", "format": "html"}, 400, "format: expected auto, chat"),
     ("/api/generate", "{not json", 400, "not JSON"),
+    ("/api/generate", "[" * 20_000 + "]" * 20_000, 400, "nested too deeply"),
     ("/api/generate", [1, 2], 400, "expected a JSON object"),
     ("/api/generate", {"prompt": "hi", "seed": 2 ** 64}, 400, "seed: expected a whole number"),
     ("/api/next", {"prompt": "hi", "k": 0}, 400, "k: expected a whole number from 1 to 100"),

@@ -4,6 +4,7 @@ loss scaling, fused AdamW."""
 import dataclasses
 import json
 import math
+import os
 import re
 
 import pytest
@@ -212,3 +213,81 @@ def test_every_command_has_a_help_that_shows_each_default_once(name, capsys):
             flag = "--" + field.name.replace("_", "-") + " "
             block = " ".join(next(opt for opt in options if opt.startswith(flag)).split())
             assert "(default: " in block, block
+
+
+# ----------------------------------------------------------------------------- loading
+def nan_copy(folder, tmp_path):
+    """A copy of a run's folder whose checkpoint has one NaN weight."""
+    import shutil
+    copy = tmp_path / ("nan-" + os.path.basename(folder))
+    shutil.copytree(folder, copy)
+    ckpt = torch.load(copy / "ckpt.pt", weights_only=True)
+    next(iter(ckpt["model"].values()))[0, 0] = float("nan")
+    torch.save(ckpt, copy / "ckpt.pt")
+    return str(copy)
+
+
+@pytest.mark.parametrize("entry", ["sample", "serve", "export", "ppo --init-from",
+                                   "ppo --reward-model"])
+def test_a_checkpoint_with_weights_that_are_not_finite_is_refused_by_every_entry_point(
+        entry, tiny_sft, tiny_reward, tmp_path, capsys):
+    import export
+    import ppo
+    import sample
+    import serve
+    sft_dir, reward_dir = tiny_sft, tiny_reward
+    if entry == "ppo --reward-model":
+        reward_dir = bad = nan_copy(tiny_reward, tmp_path)
+    else:
+        sft_dir = bad = nan_copy(tiny_sft, tmp_path)
+    commands = {
+        "sample": lambda: sample.main(["--ckpt", bad, "--prompt", "hi", "--device", "cpu"]),
+        "serve": lambda: serve.main([bad, "--port", "0", "--device", "cpu"]),
+        "export": lambda: export.main([bad, str(tmp_path / "hf")]),
+        "ppo --init-from": lambda: ppo.main(["--preset", "tiny", "--init-from", sft_dir,
+                                             "--reward-model", reward_dir, "--out-dir",
+                                             str(tmp_path / "ppo"), "--device", "cpu"]),
+    }
+    commands["ppo --reward-model"] = commands["ppo --init-from"]
+    with pytest.raises(SystemExit) as e:
+        commands[entry]()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{bad}/ckpt.pt: weights that are not finite numbers" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+NESTED = "[" * 200_000 + "]" * 200_000  # deeper than Python's parser can follow
+
+
+def test_json_nested_too_deeply_is_one_line_naming_the_file_and_line(tmp_path):
+    from ground import UserError, jsonl_rows, read_json
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"a": 1}\n' + NESTED + "\n")
+    with pytest.raises(UserError, match=f"^{rows}:2: JSON nested too deeply to read$"):
+        list(jsonl_rows(str(rows)))
+    whole = tmp_path / "whole.json"
+    whole.write_text(NESTED)
+    with pytest.raises(UserError, match=f"^{whole}: JSON nested too deeply to read$"):
+        read_json(str(whole))
+
+
+@pytest.mark.parametrize("flag", ["sft --data", "ppo --prompts-file", "sample --loss-mask"])
+def test_every_reader_of_a_users_json_refuses_deep_nesting_in_one_line(
+        flag, tiny_base, tiny_sft, tiny_reward, tmp_path, capsys):
+    import ppo
+    import sample
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(NESTED + "\n")
+    commands = {
+        "sft --data": lambda: sft.main(["--preset", "tiny", "--init-from", tiny_base, "--data",
+                                        str(bad), "--out-dir", str(tmp_path / "run")]),
+        "ppo --prompts-file": lambda: ppo.main(["--preset", "tiny", "--init-from", tiny_sft,
+                                                "--reward-model", tiny_reward, "--prompts-file",
+                                                str(bad), "--out-dir", str(tmp_path / "run")]),
+        "sample --loss-mask": lambda: sample.main(["--ckpt", tiny_sft, "--loss-mask", str(bad)]),
+    }
+    with pytest.raises(SystemExit) as e:
+        commands[flag]()
+    assert e.value.code == 2
+    assert "JSON nested too deeply to read" in capsys.readouterr().err
