@@ -142,11 +142,14 @@ def test_a_document_too_short_to_split_is_refused(tmp_path):
     (["--out", "{file}"], "--out {file}: is a file, not a folder"),
     (["--out", "{file}/sub"], "--out {file}/sub: cannot write there"),
     (["--val-fraction", "1"], "--val-fraction 1.0: must lie between 0 and 1"),
+    (["--out", "{run}"], "--out {run}: a training run's folder (it holds ckpt.pt)"),
 ])
 def test_cli_mistakes_get_one_line_naming_the_flag(tmp_path, args, message):
     write(tmp_path / "in" / "a.txt", "Some text. " * 100)
     (tmp_path / "file").write_text("not a folder")
-    args = [x.format(file=tmp_path / "file") for x in args]
+    write(tmp_path / "run" / "ckpt.pt", "a checkpoint")  # its tokenizer.json must stay the run's
+    args = [x.format(file=tmp_path / "file", run=tmp_path / "run") for x in args]
+    message = message.replace("{run}", str(tmp_path / "run"))
     run = subprocess.run([sys.executable, "-m", "data.prepare", "--input", str(tmp_path / "in"),
                           "--out", str(tmp_path / "out"), *args], cwd=ROOT, capture_output=True,
                          text=True)
