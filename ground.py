@@ -4,7 +4,8 @@ command-line flags, and files written whole or not at all.
 - UserError: bad input from the user; every command prints it as one line and exits with 2;
   stop_reason: what stopped a command (Ctrl-C, SIGTERM, a failed write), in a few words;
   sigterm_stops: SIGTERM stops a command as Ctrl-C does.
-- positive, nonnegative, choice, seed_arg: argparse types whose errors say what was wrong.
+- finite, between, positive, nonnegative, choice, seed_arg: argparse types whose errors say
+  what was wrong.
 - run_lock: one run at a time writes to a folder.
 - writable_dir, atomic_write, write_text, write_json: a file is written to a temporary name, made
   durable (fsync) and renamed over the old one, so that a crash, Ctrl-C or a full disk never
@@ -73,6 +74,24 @@ def stop_reason(e):
     if isinstance(e, OSError):
         return f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
     return str(e)
+
+
+def finite(text):
+    """argparse type: a float that is a number (not nan, not inf), of either sign."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def between(low, high):
+    """argparse type: a float from low to high, both included."""
+    def parse(text):
+        value = float(text)
+        if not low <= value <= high:  # nan fails every comparison
+            raise argparse.ArgumentTypeError(f"must lie in {low} .. {high}, got {text}")
+        return value
+    return parse
 
 
 def positive(kind):

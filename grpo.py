@@ -42,7 +42,7 @@ from checkpoints import (INSTRUCT_STAGES, MetricsLog, load_checkpoint, prepare_o
 from cli import launch, parse_stage_args, setting, start_or_resume
 from data import chats, comparisons, teacher
 from evaluation import carry_knowledge, gold_stats, policy_against_sft
-from ground import UserError, nonnegative, seed_arg, write_json
+from ground import UserError, finite, nonnegative, seed_arg, write_json
 from rl import (NO_END_PENALTY, ONE_PROCESS, answer_logprobs, answer_texts, kl_k1, kl_k3,
                 logprobs_and_entropy, masked_mean, minibatches, rollout)
 from scoring import reward_model_scores
@@ -77,7 +77,7 @@ class Settings:
     std_eps: float = setting(1e-4, "added to a group's std before dividing by it")
     no_end_penalty: float = setting(NO_END_PENALTY, "--reward-model: the score of an answer with "
                                                     "no end-of-turn token (PPO's; the teacher "
-                                                    "scores the end itself)", float)
+                                                    "scores the end itself)", finite)
     grad_clip: float = setting(1.0, "max gradient norm (0: no clipping)", nonnegative(float))
     save_every: int = setting(5, "updates between checkpoints (policy, optimizer)")
     seed: int = setting(1337, "prompts, sampling, minibatch order", seed_arg)

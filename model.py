@@ -285,7 +285,10 @@ def sample_next(logits, temperature, top_k, top_p, gen):
     (nucleus)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    scaled = logits / temperature
+    if not torch.isfinite(scaled).all():  # a temperature so small the logits overflow: greedy,
+        return logits.argmax(-1)          # which is what it tends to
+    logits = scaled
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

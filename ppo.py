@@ -35,7 +35,7 @@ from checkpoints import (INSTRUCT_STAGES, MetricsLog, load_checkpoint, prepare_o
 from cli import launch, parse_stage_args, setting, start_or_resume
 from data import chats, comparisons
 from evaluation import carry_knowledge, gold_stats, policy_against_sft
-from ground import UserError, nonnegative, seed_arg, write_json
+from ground import UserError, between, finite, nonnegative, seed_arg, write_json
 from model import ScalarHeadGPT
 from rl import (NO_END_PENALTY, ONE_PROCESS, answer_logprobs, kl_k1, logprobs_and_entropy,
                 masked_mean, minibatches, rollout, whiten)
@@ -67,11 +67,11 @@ class Settings:
     clip_ratio: float = setting(0.2, "PPO's policy ratio clip (N+ details: 0.2)")
     clip_value: float = setting(0.2, "the value loss clip around the rollout's values (0.2)")
     value_coef: float = setting(0.1, "weight of the value loss (N+ details: 0.1)")
-    gamma: float = setting(1.0, "discount over answer tokens (N+ details: 1)")
-    lam: float = setting(0.95, "GAE lambda (N+ details: 0.95)")
+    gamma: float = setting(1.0, "discount over answer tokens (N+ details: 1)", between(0, 1))
+    lam: float = setting(0.95, "GAE lambda (N+ details: 0.95)", between(0, 1))
     no_end_penalty: float = setting(NO_END_PENALTY, "score of an answer with no end-of-turn "
                                                     "token, in place of the reward model's (N+ "
-                                                    "details: a fixed penalty)", float)
+                                                    "details: a fixed penalty)", finite)
     grad_clip: float = setting(1.0, "max gradient norm of each network (0: no clipping)",
                                nonnegative(float))
     save_every: int = setting(5, "updates between checkpoints (policy, critic, optimizers)")

