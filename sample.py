@@ -272,6 +272,43 @@ def show_loss_mask(args):
           f"{'green' if on != '[' else 'in brackets'})")
 
 
+def talk(sampler):
+    """--interactive: one prompt a line until end of input; a refused line is an error message,
+    and the session (and a chat's history) goes on."""
+    while True:
+        try:
+            line = input("you> " if sampler.chat else "> ")
+            line.encode("utf-8")  # undecodable bytes arrive as lone surrogates
+        except EOFError:
+            print()  # end the prompt's line
+            return
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            print("error: that line is not UTF-8 text", file=sys.stderr)
+            continue
+        if sampler.chat and not sys.stdin.isatty():
+            print(line)  # piped: show the message, so the answer does not follow "you> "
+        elif not sampler.chat:
+            line += "\n"  # what was typed: a base model continues on the next line
+        try:
+            if line.strip():
+                sampler.run(line)
+        except UserError as e:  # a bad prompt does not end the session
+            print(f"error: {e}", file=sys.stderr)
+
+
+def read_prompt(path):
+    """--prompt-file: the file's text, or standard input's for "-", both decoded strictly."""
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the prompt ({e})") from e
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the prompt is not UTF-8 text") from None
+
+
 @sigterm_stops()  # SIGTERM stops it as Ctrl-C does
 def main(argv=None):
     args = parse_args(argv)
@@ -292,40 +329,8 @@ def main(argv=None):
                   if args.score_with else None)
         samplers = [Sampler(d, args, scorer) for d in (args.compare or [args.ckpt])]
         if args.interactive:
-            sampler = samplers[0]
-            while True:
-                try:
-                    line = input("you> " if sampler.chat else "> ")
-                    line.encode("utf-8")  # undecodable bytes arrive as lone surrogates
-                except EOFError:
-                    print()  # end the prompt's line
-                    break
-                except (UnicodeDecodeError, UnicodeEncodeError):
-                    print("error: that line is not UTF-8 text", file=sys.stderr)
-                    continue
-                if sampler.chat and not sys.stdin.isatty():
-                    print(line)  # piped: show the message, so the answer does not follow "you> "
-                elif not sampler.chat:
-                    line += "\n"  # what was typed: a base model continues on the next line
-                try:
-                    if line.strip():
-                        sampler.run(line)
-                except UserError as e:  # a bad prompt does not end the session
-                    print(f"error: {e}", file=sys.stderr)
-            return
-        if args.prompt_file:
-            try:  # bytes, decoded strictly: stdin as strictly as a file
-                if args.prompt_file == "-":
-                    text = sys.stdin.buffer.read().decode("utf-8")
-                else:
-                    with open(args.prompt_file, "rb") as f:
-                        text = f.read().decode("utf-8")
-            except OSError as e:
-                raise UserError(f"{args.prompt_file}: cannot read the prompt ({e})") from e
-            except UnicodeDecodeError:
-                raise UserError(f"{args.prompt_file}: the prompt is not UTF-8 text") from None
-        else:
-            text = args.prompt if args.prompt is not None else ""
+            return talk(samplers[0])
+        text = read_prompt(args.prompt_file) if args.prompt_file else (args.prompt or "")
         for sampler in samplers:
             if args.compare:
                 form = "chat" if sampler.chat else "plain text"

@@ -174,8 +174,9 @@ def test_init_from_continues_pretraining_on_user_text(small_data, tmp_path):
 
 def ctrl_c(args, once_exists, after=0.0, sig=signal.SIGINT):
     """Run ARGS, press Ctrl-C (or send `sig`) once the file ONCE_EXISTS exists (and AFTER more
-    seconds); return the exit status and stderr. A shell may start background jobs with SIGINT ignored (then
-    Python never raises KeyboardInterrupt): the child gets the default, as from a terminal."""
+    seconds); return the exit status and stderr. A shell may start background jobs with SIGINT
+    ignored (then Python never raises KeyboardInterrupt): the child gets the default, as from a
+    terminal."""
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
                                                                         signal.SIG_DFL))
