@@ -273,13 +273,17 @@ def bench_quality(preset, device, every, pretrain_args):
                        "--preset", preset, "--device", device,
                        "--out-dir", run_dir, "--stop-at", str(step), "--no-behaviour-eval",
                        "--eval-every", str(every), *pretrain_args]
-            subprocess.run(command + ["--resume"] * (step > every), check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            piece = subprocess.run(command + ["--resume"] * (step > every), text=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            if piece.returncode:  # pretrain.py's own last line says why
+                lines = piece.stderr.strip().splitlines() or ["no message"]
+                raise UserError(f"quality: pretrain.py stopped at step {step}: {lines[-1]}")
             model, tok, ckpt = load_checkpoint(run_dir, ["base"], device)
             steps, step = ckpt["config"]["steps"], ckpt["step"]
             with open(os.path.join(run_dir, "log.jsonl")) as f:
                 log = [json.loads(line) for line in f]
             scores = evaluate_base(model, tok, device, n_zero_shot=0)
+            del model  # the next piece's process needs the memory
             tokens = ckpt["config"]["batch_size"] * ckpt["config"]["block_size"]  # a step's
             out["curve"].append({
                 "step": step, "train_seconds": round(sum(
@@ -323,10 +327,17 @@ def main(argv=None):
             raise UserError(f"--out {args.out}: a folder; name the JSON file to write")
         if args.out:
             writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
+        try:  # the quality part's pretraining runs as bench itself does
+            args.pretrain_args = shlex.split(args.pretrain_args) + ["--dtype", args.dtype] + [
+                "--compile"] * args.compile
+        except ValueError as e:
+            raise UserError(f"--pretrain-args: {e}") from None
     except UserError as e:
         die(str(e))
     try:
         run_benchmarks(args, device, dtype)
+    except UserError as e:  # a quality piece that stopped
+        die(str(e))
     except (KeyboardInterrupt, OSError) as e:  # Ctrl-C, or writing --out on a full disk
         sys.exit(f"stopped: {stop_reason(e)}")
 
@@ -357,8 +368,7 @@ def run_benchmarks(args, device, dtype):
         elif part == "generate":
             result[part] = bench_generate(cfg, device, dtype)
         elif part == "quality":
-            result[part] = bench_quality(preset, device, args.quality_every,
-                                         shlex.split(args.pretrain_args))
+            result[part] = bench_quality(preset, device, args.quality_every, args.pretrain_args)
         elif part == "gpt2":
             gpt2 = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12,
                              n_kv_head=12, n_embd=768, ffn_hidden=2048)

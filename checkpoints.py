@@ -135,7 +135,8 @@ def load_checkpoint(ckpt_dir, stages=None, device="cpu", flag="--ckpt"):
     if broken:  # sampling would crash or print NUL bytes, a reward model would score nan
         raise UserError(f"{path}: weights that are not finite numbers (NaN or inf) in "
                         f"{broken[0]}" + (f" and {len(broken) - 1} more" if broken[1:] else "")
-                        + ": the run that wrote them diverged; use an earlier checkpoint")
+                        + ": the run that wrote them diverged; train it again (a lower --lr, "
+                        "say)")
     model.base_id = ckpt.get("base_id")  # see save_checkpoint
     return model.to(device), tokenizer, ckpt
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, field, fields
 import torch.distributed as dist
 
 from checkpoints import CKPT_FILE, check_out_dir, load_checkpoint
-from ground import (UserError, die, positive, run_lock, sigterm_stops, stop_reason,
+from ground import (Terminated, UserError, die, positive, run_lock, sigterm_stops, stop_reason,
                     writable_dir)
 from training import pick_device, setup_process
 
@@ -141,8 +141,9 @@ def launch(run, args):
         with sigterm_stops(), lock:
             run(args, setup_process(args.device, args.dtype))
     except UserError as e:
-        if created and first and os.path.isdir(args.out_dir) and not os.listdir(args.out_dir):
-            os.rmdir(args.out_dir)  # a refused command leaves no empty folder behind
+        if created and first:  # a refused command leaves no empty folder behind
+            with contextlib.suppress(OSError):  # not empty, or gone: leave it
+                os.rmdir(args.out_dir)
         die(str(e))
     except (KeyboardInterrupt, FloatingPointError, OSError) as e:
         stop_run(e, args.out_dir)
@@ -162,7 +163,15 @@ def run_stage(script, out_dir, device, *args):
     command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
                "--out-dir", out_dir, "--device", device, *(["--resume"] if again else args)]
     print("$", " ".join(command), flush=True)
-    if subprocess.run(command).returncode:
+    stage = subprocess.Popen(command)
+    try:
+        stage.wait()
+    except KeyboardInterrupt as e:  # Ctrl-C reached the stage too; SIGTERM is passed on
+        if isinstance(e, Terminated):
+            stage.terminate()
+        stage.wait()  # the stage says what it saved, then this command stops
+        raise
+    if stage.returncode:
         raise UserError(f"{script} stopped (its message is above); the same command resumes it")
 
 

@@ -340,10 +340,16 @@ def weights_digest(model):
     return digest.hexdigest()
 
 
-def sft_greedy_figures(sft_dir, reference):
+def eval_sets_digest():
+    """sha256 of instruct_eval_sets(): which prompts (and answer keys) an eval.json judged."""
+    return hashlib.sha256(json.dumps(instruct_eval_sets(), sort_keys=True).encode()).hexdigest()
+
+
+def sft_greedy_figures(sft_dir, reference, device):
     """evaluate_instruct's figures from the SFT run's own eval.json when it judged exactly these
-    weights (the greedy answers are a function of the weights alone), else None. Saves every
-    policy stage a minute of evaluating the same SFT model again."""
+    weights, on these prompts, on this kind of device (greedy answers are a function of those
+    three), else None. Saves every policy stage a minute of evaluating the same SFT model
+    again."""
     if sft_dir is None:
         return None
     folder = os.path.dirname(sft_dir) if os.path.isfile(sft_dir) else sft_dir  # ckpt.pt named
@@ -353,7 +359,8 @@ def sft_greedy_figures(sft_dir, reference):
     except UserError:
         return None  # no such file, or a damaged one: evaluate instead
     names = instruct_eval_sets()
-    if (not isinstance(judged, dict) or judged.get("weights_sha256") != weights_digest(reference)
+    if (judged.get("weights_sha256") != weights_digest(reference) or judged.get("device") != device
+            or judged.get("eval_sets_sha256") != eval_sets_digest()
             or any(name not in judged for name in names)):
         return None
     return {name: judged[name] for name in names}
@@ -369,8 +376,8 @@ def policy_against_sft(name, policy, reference, tok, known, *, temperature, max_
                                     max_new_tokens=max_new_tokens, seed=seed, proc=proc)
                for run, model in runs.items()}
     return {"sampled": sampled,
-            "sft": sft_greedy_figures(sft_dir, reference) or evaluate_instruct(reference, tok,
-                                                                                known),
+            "sft": sft_greedy_figures(sft_dir, reference, proc.device) or evaluate_instruct(
+                reference, tok, known),
             name: evaluate_instruct(policy, tok, known)}
 
 

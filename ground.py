@@ -16,6 +16,7 @@ data/ and plot.py import only this of the plumbing, so they load without torch.
 """
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -55,13 +56,13 @@ def sigterm_stops():
     def terminate(signum, frame):
         raise Terminated()
     try:
-        previous = signal.signal(signal.SIGTERM, terminate)
+        previous, installed = signal.signal(signal.SIGTERM, terminate), True
     except ValueError:  # not the main thread: signals stay as they are
-        previous = None
+        installed = False
     try:
         yield
     finally:
-        if previous is not None:
+        if installed:
             signal.signal(signal.SIGTERM, previous)
 
 
@@ -150,47 +151,35 @@ LOCK_FILE = "run.lock"
 
 @contextlib.contextmanager
 def run_lock(folder, flag):
-    """Within it, this process alone writes to `folder`: a second run into the same folder
-    stops with one line instead of interleaving its log and racing for the checkpoint. The lock
-    file holds the holder's process id and is removed on the way out; one left by a process
-    that no longer exists (a SIGKILL, a power cut) is taken over."""
+    """Within it, this process alone writes to `folder`: a second run into the same folder stops
+    with one line instead of interleaving its log and racing for the checkpoint. The kernel
+    holds the lock (flock) and frees it when its process ends, however it ends, so a lock file
+    that a killed run left behind is simply taken; the file names the holder's process id, and
+    is removed on the way out."""
     path = os.path.join(folder, LOCK_FILE)
     while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = lock_holder(path)
-            if holder is not None:
-                raise UserError(f"{flag} {folder}: another run (process {holder}) is writing "
-                                f"there; wait for it, or choose another {flag}") from None
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)  # stale: its process is gone
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{flag} {folder}: another run (process {holder}) is writing there; "
+                            f"wait for it, or choose another {flag}") from None
+        try:  # the file may have been removed by its last holder between our open and flock
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # a lock on a removed file protects nothing: try again
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
     try:
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-
-
-def lock_holder(path):
-    """The process id in a lock file if that process still runs, else None."""
-    try:
-        with open(path) as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return None  # unreadable or half-written: treated as stale
-    if pid <= 0 or pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)  # signal 0: is it there? (nothing is sent)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid  # another user's process: alive
-    return pid
+            os.remove(path)  # while still held, so that no one locks the file being removed
+        os.close(fd)
 
 
 def atomic_write(path, write):
@@ -258,14 +247,17 @@ def parse_json(text, where):
 
 
 def read_json(path):
-    """The JSON object of a whole file, read strictly: a file that cannot be read, is not UTF-8
-    or not JSON is a UserError naming it."""
+    """The JSON object of a whole file, read strictly: a file that cannot be read, is not UTF-8,
+    not JSON or not an object is a UserError naming it."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
     try:
-        return parse_json(raw.decode("utf-8"), path)
+        value = parse_json(raw.decode("utf-8"), path)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object ({{...}})")
+    return value

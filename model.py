@@ -286,8 +286,8 @@ def sample_next(logits, temperature, top_k, top_p, gen):
     if temperature == 0:
         return logits.argmax(-1)
     scaled = logits / temperature
-    if not torch.isfinite(scaled).all():  # a temperature so small the logits overflow: greedy,
-        return logits.argmax(-1)          # which is what it tends to
+    if (torch.isinf(scaled) & torch.isfinite(logits)).any():  # a temperature so small that
+        return logits.argmax(-1)  # finite logits overflow: greedy, which is what it tends to
     logits = scaled
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]

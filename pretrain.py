@@ -109,7 +109,8 @@ def run(args, proc):
         raise UserError(f"{folder} does not hold the tokens the run in {args.out_dir} was trained "
                         f"on ({ckpt['config']['data'] or 'the bundled world'}, as prepared "
                         "then); pass that data as --data, or start a new run")
-    check_tokens(folder, train_data, val_data, settings.block_size)  # before building a model
+    if not args.init_from:  # before a model of that context is built
+        check_tokens(folder, train_data, val_data, settings.block_size)
     model = model or new_model(args, settings, tok, folder, meta, proc.device)
     if args.init_from:  # the context is the loaded model's
         check_tokens(folder, train_data, val_data, settings.block_size)
@@ -140,6 +141,7 @@ def check_settings(args, settings, ckpt):
 
 
 def check_tokens(folder, train_data, val_data, block_size):
+    """Enough tokens in each split for one window of the context, or a one-line error."""
     for name, tokens, remedy in (("training", train_data, "more text"),
                                  ("validation", val_data, "a larger --val-fraction")):
         if len(tokens) <= block_size + 1:

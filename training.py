@@ -151,7 +151,9 @@ def make_optimizer(model, lr, weight_decay, proc, fused=None, muon=False):
     GradScaler that fp16 needs (disabled otherwise). fused=None: the fused kernel on CUDA.
     muon: the transformer layers' weight matrices move by Muon instead (MuonAndAdamW)."""
     hidden = [p for p in model.layers.parameters() if p.dim() == 2] if muon else []
-    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    if muon and not hasattr(torch.optim, "Muon"):
+        raise UserError(f"--optimizer muon needs torch 2.9 or newer (this is {torch.__version__})")
+    rest = [p for p in model.parameters() if id(p) not in {id(h) for h in hidden}]
     decay = [p for p in rest if p.dim() >= 2]
     no_decay = [p for p in rest if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},

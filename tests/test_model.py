@@ -84,6 +84,13 @@ def test_a_temperature_so_small_the_logits_overflow_samples_greedily():
         model.generate(prompts, 10, temperature=0)
 
 
+def test_logits_masked_to_minus_infinity_still_sample_at_an_ordinary_temperature():
+    from model import sample_next  # token healing masks the tokens it rules out this way
+    logits = torch.tensor([[0.0, 0.0, float("-inf")]]).repeat(200, 1)
+    picks = sample_next(logits, 1.0, None, None, torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {0, 1}
+
+
 def test_too_long_prompt_is_refused():
     model = tiny()
     with pytest.raises(ValueError, match="context length"):

@@ -193,7 +193,9 @@ def test_sfts_own_greedy_figures_stand_in_for_the_reference_only_when_the_weight
                         lambda model, tok, known: judged.append(model) or {"fresh": True})
     monkeypatch.setattr(evaluation, "sampled_heldout", lambda *args, **kwargs: {})
     sets = {name: {"accuracy": 0.5} for name in evaluation.instruct_eval_sets()}
-    (tmp_path / "eval.json").write_text(json.dumps({"weights_sha256": written, **sets}))
+    (tmp_path / "eval.json").write_text(json.dumps({
+        "weights_sha256": written, "device": "cpu", **sets,
+        "eval_sets_sha256": evaluation.eval_sets_digest()}))
     policy = copy.deepcopy(reference)
     settings = dict(temperature=1.0, max_new_tokens=4, seed=0, sft_dir=str(tmp_path))
     result = evaluation.policy_against_sft("ppo", policy, reference, tok, None, **settings)
@@ -309,9 +311,11 @@ def test_bad_input_gets_one_line_naming_it(tiny_base, tiny_sft, tiny_reward, tmp
         with pytest.raises(SystemExit) as stopped:
             ppo.main(args + extra + ["--out-dir", str(tmp_path / "out")])
         assert stopped.value.code == 2
-        err = capsys.readouterr().err
-        last = err.strip().splitlines()[-1]  # argparse's usage lines come first
-        assert message in last and (len(err.strip().splitlines()) == 1 or "usage:" in err), err
+        lines = capsys.readouterr().err.strip().splitlines()
+        if message.startswith("argument "):  # argparse's own: its usage lines come first
+            assert lines[0].startswith("usage:") and message in lines[-1], lines
+        else:
+            assert len(lines) == 1 and message in lines[0], lines
 
 
 def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_sft, tiny_reward, tmp_path,

@@ -74,13 +74,16 @@ def test_resume_with_another_shape_is_refused(small_data, tmp_path, capsys):
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
 
 
-def test_resume_with_another_optimizer_is_refused(small_data, tmp_path, capsys):
+@pytest.mark.parametrize("saved,given", [("adamw", "muon"), ("muon", "adamw")])
+def test_resume_with_another_optimizer_is_refused(small_data, tmp_path, capsys, saved, given):
     out = str(tmp_path / "base")
-    pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--steps", "4", "--stop-at", "2"])
+    pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--steps", "4", "--stop-at", "2",
+                          "--optimizer", saved])
     before = open(os.path.join(out, "ckpt.pt"), "rb").read()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         pretrain.main(FAST + ["--data", small_data, "--out-dir", out, "--resume", "--optimizer",
-                              "muon"])
+                              given])
+    assert e.value.code == 2
     assert "resume with the --optimizer it was saved with" in capsys.readouterr().err
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
 
@@ -458,9 +461,13 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_taken_over(
         small_data, tmp_path, capsys):
     out = tmp_path / "base"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d' % os.getpid()); print('held', "
+            "flush=True); time.sleep(60)")  # another run's lock, as run_lock takes it
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out / "run.lock")],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        (out / "run.lock").write_text(f"{holder.pid}\n")
+        assert holder.stdout.readline() == "held\n"
         with pytest.raises(SystemExit) as e:
             pretrain.main(FAST + ["--data", small_data, "--out-dir", str(out), "--steps", "2"])
         assert e.value.code == 2
@@ -469,5 +476,6 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_taken_over(
     finally:
         holder.kill()
         holder.wait()
+    assert (out / "run.lock").exists()  # left by a killed holder: the kernel freed its lock
     pretrain.main(FAST + ["--data", small_data, "--out-dir", str(out), "--steps", "2"])
     assert (out / "ckpt.pt").exists() and not (out / "run.lock").exists()  # taken, then freed
