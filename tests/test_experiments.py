@@ -135,6 +135,8 @@ def test_domain_expert_scores():
 
 @pytest.mark.parametrize("write,flag,message", [
     ('{"question": "q", "query": "countries | count"}\nnot json\n', "--pairs", "pairs.jsonl:2: "
+     "not valid JSON"),
+    ('{"question": "q", "query": "countries | count"}\n[1]\n', "--pairs", "pairs.jsonl:2: "
      'expected {"question": ..., "query": ...}'),
     ('{"question": "q", "query": "countries | pick capitol"}\n', "--pairs",
      "pairs.jsonl:1: query: column 18: expected a field of countries"),
