@@ -153,7 +153,8 @@ def make_optimizer(model, lr, weight_decay, proc, fused=None, muon=False):
     hidden = [p for p in model.layers.parameters() if p.dim() == 2] if muon else []
     if muon and not hasattr(torch.optim, "Muon"):
         raise UserError(f"--optimizer muon needs torch 2.9 or newer (this is {torch.__version__})")
-    rest = [p for p in model.parameters() if id(p) not in {id(h) for h in hidden}]
+    moved_by_muon = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in moved_by_muon]
     decay = [p for p in rest if p.dim() >= 2]
     no_decay = [p for p in rest if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
