@@ -277,7 +277,8 @@ def bench_quality(preset, device, every, pretrain_args):
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             if piece.returncode:  # pretrain.py's own last line says why
                 lines = piece.stderr.strip().splitlines() or ["no message"]
-                raise UserError(f"quality: pretrain.py stopped at step {step}: {lines[-1]}")
+                raise UserError(f"quality: pretrain.py (the piece up to step {step}) stopped: "
+                                f"{lines[-1]}")
             model, tok, ckpt = load_checkpoint(run_dir, ["base"], device)
             steps, step = ckpt["config"]["steps"], ckpt["step"]
             with open(os.path.join(run_dir, "log.jsonl")) as f:
@@ -309,7 +310,8 @@ def main(argv=None):
                                       "gpt2", "quality"],
                    action="append",
                    help="run only these parts (repeatable); quality (time to quality: a whole "
-                        "pretraining run, as long as the stage) runs only when named")
+                        "pretraining run, as long as the stage; its targets are the cpu "
+                        "preset's) runs only when named")
     p.add_argument("--quality-every", type=positive(int), default=100,
                    help="quality: steps between two measurements")
     p.add_argument("--pretrain-args", default="",
