@@ -369,15 +369,16 @@ def sft_greedy_figures(sft_dir, reference, device):
 def policy_against_sft(name, policy, reference, tok, known, *, temperature, max_new_tokens, seed,
                        sft_dir=None, proc=ONE_PROCESS):
     """What every policy stage (ppo, dpo, grpo) reports against the SFT model it started from:
-    {"sampled": {"sft": ..., name: ...}, "sft": evaluate_instruct, name: evaluate_instruct}.
-    sft_dir: the SFT run's folder, whose eval.json stands in for "sft" (sft_greedy_figures)."""
+    {"sampled": {"sft": ..., name: ...}, "sft": evaluate_instruct, name: evaluate_instruct,
+    "sft_greedy_from": where "sft" came from}. sft_dir: the SFT run's folder, whose eval.json
+    stands in for "sft" (sft_greedy_figures)."""
     runs = {"sft": reference, name: policy}
     sampled = {run: sampled_heldout(model, reference, tok, temperature=temperature,
                                     max_new_tokens=max_new_tokens, seed=seed, proc=proc)
                for run, model in runs.items()}
-    return {"sampled": sampled,
-            "sft": sft_greedy_figures(sft_dir, reference, proc.device) or evaluate_instruct(
-                reference, tok, known),
+    copied = sft_greedy_figures(sft_dir, reference, proc.device)
+    return {"sampled": sampled, "sft": copied or evaluate_instruct(reference, tok, known),
+            "sft_greedy_from": "the SFT run's eval.json" if copied else "measured here",
             name: evaluate_instruct(policy, tok, known)}
 
 

@@ -200,11 +200,13 @@ def test_sfts_own_greedy_figures_stand_in_for_the_reference_only_when_the_weight
     settings = dict(temperature=1.0, max_new_tokens=4, seed=0, sft_dir=str(tmp_path))
     result = evaluation.policy_against_sft("ppo", policy, reference, tok, None, **settings)
     assert result["sft"] == sets and judged == [policy]
+    assert result["sft_greedy_from"] == "the SFT run's eval.json"
     with torch.no_grad():
         reference.lm_head.weight[0, 0] += 1e-3  # other weights: SFT's figures no longer apply
     judged.clear()
     result = evaluation.policy_against_sft("ppo", policy, reference, tok, None, **settings)
     assert result["sft"] == {"fresh": True} and judged == [reference, policy]
+    assert result["sft_greedy_from"] == "measured here"
 
 
 def test_resume_continues_the_same_run(tiny_sft, tiny_reward, tmp_path):
