@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import preset_for
-from ground import UserError, die, positive, sigterm_stops, stop_reason, writable_dir
+from ground import (UserError, die, jsonl_rows, positive, sigterm_stops, stop_reason,
+                    writable_dir)
 from model import GPT, GPTConfig, ScalarHeadGPT
 from training import autocast, maybe_compile, peak_flops, pick_device, pick_dtype
 
@@ -281,8 +282,7 @@ def bench_quality(preset, device, every, pretrain_args):
                                 f"{lines[-1]}")
             model, tok, ckpt = load_checkpoint(run_dir, ["base"], device)
             steps, step = ckpt["config"]["steps"], ckpt["step"]
-            with open(os.path.join(run_dir, "log.jsonl")) as f:
-                log = [json.loads(line) for line in f]
+            log = [row for _, row in jsonl_rows(os.path.join(run_dir, "log.jsonl"))]
             scores = evaluate_base(model, tok, device, n_zero_shot=0)
             del model  # the next piece's process needs the memory
             tokens = ckpt["config"]["batch_size"] * ckpt["config"]["block_size"]  # a step's

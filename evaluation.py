@@ -340,9 +340,10 @@ def weights_digest(model):
     return digest.hexdigest()
 
 
-def eval_sets_digest():
-    """sha256 of instruct_eval_sets(): which prompts (and answer keys) an eval.json judged."""
-    return hashlib.sha256(json.dumps(instruct_eval_sets(), sort_keys=True).encode()).hexdigest()
+def eval_sets_digest(sets):
+    """sha256 of instruct_eval_sets()'s sets: which prompts (and answer keys) an eval.json
+    judged."""
+    return hashlib.sha256(json.dumps(sets, sort_keys=True).encode()).hexdigest()
 
 
 def sft_greedy_figures(sft_dir, reference, device):
@@ -358,12 +359,12 @@ def sft_greedy_figures(sft_dir, reference, device):
         judged = read_json(path)
     except UserError:
         return None  # no such file, or a damaged one: evaluate instead
-    names = instruct_eval_sets()
+    sets = instruct_eval_sets()
     if (judged.get("weights_sha256") != weights_digest(reference) or judged.get("device") != device
-            or judged.get("eval_sets_sha256") != eval_sets_digest()
-            or any(name not in judged for name in names)):
+            or judged.get("eval_sets_sha256") != eval_sets_digest(sets)
+            or any(name not in judged for name in sets)):
         return None
-    return {name: judged[name] for name in names}
+    return {name: judged[name] for name in sets}
 
 
 def policy_against_sft(name, policy, reference, tok, known, *, temperature, max_new_tokens, seed,

@@ -40,7 +40,7 @@ from data import chats, prepare
 from data.tokenizer import Tokenizer, check_chat
 from evaluation import (audit_summary, check_chat_eval_fits, evaluate_base_on_chat_prompts,
                         evaluate_code, evaluate_instruct, knowledge_audit, known_map,
-                        eval_sets_digest, weights_digest, write_knowledge)
+                        eval_sets_digest, instruct_eval_sets, weights_digest, write_knowledge)
 from ground import UserError, jsonl_rows, nonnegative, seed_arg, write_json
 from training import (SAVE_EVERY_SECONDS, SaveClock, autocast, barrier, batch_indices,
                       check_finite, check_weights, lm_batch, lr_at, make_optimizer,
@@ -362,7 +362,7 @@ def final_evaluation(args, settings, model, tok, sizes, step, val, device):
               "device": device, "weights_sha256": weights_digest(model)}  # see sft_greedy_figures
     if needs_base_eval(settings, args):
         t0 = time.time()
-        result["eval_sets_sha256"] = eval_sets_digest()
+        result["eval_sets_sha256"] = eval_sets_digest(instruct_eval_sets())
         base, _, _ = load_checkpoint(settings.init_from, ["base"], device, flag="--init-from")
         audit = knowledge_audit(base, tok)  # which held-out facts SFT could state at best
         write_knowledge(args.out_dir, audit, settings.init_from)

@@ -195,7 +195,7 @@ def test_sfts_own_greedy_figures_stand_in_for_the_reference_only_when_the_weight
     sets = {name: {"accuracy": 0.5} for name in evaluation.instruct_eval_sets()}
     (tmp_path / "eval.json").write_text(json.dumps({
         "weights_sha256": written, "device": "cpu", **sets,
-        "eval_sets_sha256": evaluation.eval_sets_digest()}))
+        "eval_sets_sha256": evaluation.eval_sets_digest(evaluation.instruct_eval_sets())}))
     policy = copy.deepcopy(reference)
     settings = dict(temperature=1.0, max_new_tokens=4, seed=0, sft_dir=str(tmp_path))
     result = evaluation.policy_against_sft("ppo", policy, reference, tok, None, **settings)
